@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="theseus-deploy",
+    version="0.1.0",
+    description="BERT-of-Theseus compression, ONNX/TensorRT export and latency benchmarks for BERT-family classifiers",
+    python_requires=">=3.10",
+    packages=find_packages(include=["theseus_deploy*", "export*", "bench*"]),
+    install_requires=[
+        # CPU wheel; GPU users install their CUDA build of torch first (see README).
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "click>=8.1",
+        "scikit-learn>=1.3",
+        "scipy>=1.10",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+        "onnx>=1.16",
+        "onnxruntime>=1.18",
+        "onnxscript>=0.3",
+        "matplotlib>=3.7",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "gpu": ["onnxruntime-gpu>=1.18"],
+        "trt": ["tensorrt>=10.0", "onnxruntime-gpu>=1.18"],
+        "dev": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["theseus-deploy=theseus_deploy.cli:main"]},
+)

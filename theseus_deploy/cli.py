@@ -1,0 +1,120 @@
+"""`theseus-deploy`: a thin map from command to library function.
+
+Each command's options are generated from its config dataclass (theseus_deploy/config.py),
+and heavy libraries (torch, transformers, onnxruntime) are imported only inside the command
+that needs them, so `theseus-deploy --help` answers at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import typing
+
+import click
+
+from . import config as C
+from .errors import UsageError
+
+
+class CliError(click.ClickException):
+    """What a UsageError becomes: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
+
+
+class LazyGroup(click.Group):
+    """A group whose commands live in other packages and are imported only when used."""
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            module, attr = self.lazy_commands[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            raise CliError(str(e)) from None
+
+
+def _click_type(tp, choices):
+    if choices:
+        return click.Choice(choices, case_sensitive=False)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    return {int: int, float: float, str: str}.get(base, str)
+
+
+def options_from(cls, required: tuple[str, ...] = ()):
+    """Decorate a click command with one option per dataclass field (help from metadata)."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            meta = f.metadata
+            name = "--" + f.name.replace("_", "-")
+            tp = hints[f.name]
+            if tp is bool:
+                fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
+                                  show_default=True, help=meta.get("help"))(fn)
+            else:
+                fn = click.option(name, f.name, type=_click_type(tp, meta.get("choices")), default=f.default,
+                                  required=f.name in required, show_default=f.default is not None,
+                                  help=meta.get("help"))(fn)
+        return fn
+
+    return decorate
+
+
+@click.group(cls=LazyGroup, lazy_commands={"export": "export.command:export", "bench": "bench.command:bench"},
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option("0.1.0", prog_name="theseus-deploy")
+def cli():
+    """Compress a fine-tuned BERT-family classifier with BERT-of-Theseus, export it, and benchmark it."""
+
+
+@cli.command()
+@options_from(C.FinetuneConfig, required=("model", "task", "output"))
+def finetune(**kwargs):
+    """Fine-tune a model on a task; the result is the predecessor for `compress`."""
+    from .train import run_finetune
+
+    run_finetune(C.FinetuneConfig(**kwargs))
+
+
+@cli.command()
+@options_from(C.CompressConfig, required=("model", "task", "output"))
+def compress(**kwargs):
+    """Compress a fine-tuned predecessor into a shallower successor (BERT-of-Theseus)."""
+    from .train import run_compress
+
+    run_compress(C.CompressConfig(**kwargs))
+
+
+@cli.command()
+@options_from(C.EvaluateConfig, required=("model", "task"))
+def evaluate(**kwargs):
+    """Score a model folder on a task's dev split."""
+    from .train import run_evaluate
+
+    run_evaluate(C.EvaluateConfig(**kwargs))
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="theseus-deploy")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Loading Hugging Face classifiers from a local folder or the hub, with clear errors.
+
+Everything that touches a model folder (train, evaluate, export, bench) goes through here so
+that "model not found" means the same thing, and says the same thing, everywhere.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "name" or "org/name"; ./x, /x, ~/x, a/b/c, or "dir/x" where dir exists are paths.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def check_model_source(name: str) -> str:
+    """Return `name` if it is an existing folder or could be a hub id; else raise UsageError."""
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise UsageError(f"model folder has no config.json: {name}")
+        return str(path)
+    if _looks_like_path(name) or Path(name).exists():
+        raise UsageError(f"model path does not exist: {name}")
+    return name  # a hub id: from_pretrained will fetch it (or fail with a clear error below)
+
+
+def load_config(name: str, **kwargs):
+    from transformers import AutoConfig
+
+    source = check_model_source(name)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load model config '{name}': {str(e).splitlines()[0]}") from None
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    source = check_model_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"could not load a tokenizer for '{name}': {str(e).splitlines()[0]}") from None
+
+
+def load_classifier(name: str, num_labels: int | None = None, **config_overrides):
+    """Load `AutoModelForSequenceClassification` (fp32, eager-safe) from a folder or hub id.
+
+    `num_labels` is only passed for fine-tuning a bare encoder (a new head is created); for an
+    already fine-tuned model leave it None and check the label count with `check_num_labels`.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_config(name)
+    if num_labels is not None:
+        config.num_labels = num_labels
+    for k, v in config_overrides.items():
+        setattr(config, k, v)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            check_model_source(name), config=config, dtype=torch.float32
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(f"could not load model '{name}': {str(e).splitlines()[0]}") from None
+    return model
+
+
+def model_input_names(model_or_config) -> list[str]:
+    """The inputs a classifier takes, in export order.
+
+    `token_type_ids` only where the model has a segment embedding with more than one type
+    (BERT, ELECTRA): RoBERTa keeps a 1-row table and MPNet has none.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    names = ["input_ids", "attention_mask"]
+    if getattr(config, "type_vocab_size", 0) and config.type_vocab_size > 1:
+        if hasattr(model_or_config, "forward"):
+            if "token_type_ids" not in inspect.signature(model_or_config.forward).parameters:
+                return names
+        names.append("token_type_ids")
+    return names
+
+
+def build_random_classifier(config_dir: str, num_layers: int | None = None, num_labels: int = 2, seed: int = 0):
+    """A randomly initialised classifier from a config folder (latency work needs no weights)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    config = load_config(config_dir)
+    if num_layers is not None:
+        if num_layers < 1:
+            raise UsageError(f"--layers must be at least 1, got {num_layers}")
+        config.num_hidden_layers = num_layers
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config).eval()
