@@ -59,7 +59,8 @@ class FinetuneConfig(TrainConfig):
 
     # Plain fine-tuning learns fast: 3 epochs is the BERT paper's budget, with a floor in steps
     # so that tiny data sets still get enough updates.
-    min_steps: int = opt(300, "Default budget: at least this many steps (epochs grow on small data).")
+    min_steps: int = opt(300, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).")
+    max_epochs: int = opt(10, "Cap on the epochs chosen by the default budget.")
     freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (N<0: none).")
 
 

@@ -1,0 +1,355 @@
+"""Task data: the GLUE tasks (official glue_data TSV folders or the hub) and the user's own files.
+
+`load_task` returns texts and integer (or float, for regression) labels; tokenisation and
+batching happen in `make_loader`. Every user mistake raises `UsageError` with one line.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    dir_name: str = ""                       # folder inside glue_data
+    columns: tuple = ()                      # TSV text columns (names, or indices if no header)
+    label_column: str | int = "label"       # TSV label column
+    raw_labels: tuple = ()                   # TSV label values, in label-id order
+    label_names: tuple = ()                  # id2label names (the hub's ClassLabel names)
+    metrics: tuple = ("accuracy",)           # averaged into "score"
+    hub_columns: tuple = ()
+    header: bool = True
+    dev_file: str = "dev.tsv"
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.label_names)
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "cola": TaskSpec("cola", "CoLA", (3,), 1, ("0", "1"), ("unacceptable", "acceptable"), ("matthews",),
+                     ("sentence",), header=False),
+    "sst2": TaskSpec("sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("negative", "positive"), ("accuracy",),
+                     ("sentence",)),
+    "mrpc": TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
+                     ("not_equivalent", "equivalent"), ("f1", "accuracy"), ("sentence1", "sentence2")),
+    "stsb": TaskSpec("stsb", "STS-B", ("sentence1", "sentence2"), "score", (), (), ("pearson", "spearman"),
+                     ("sentence1", "sentence2")),
+    "qqp": TaskSpec("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
+                    ("not_duplicate", "duplicate"), ("f1", "accuracy"), ("question1", "question2")),
+    "mnli": TaskSpec("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
+                     ("entailment", "neutral", "contradiction"), ("entailment", "neutral", "contradiction"),
+                     ("accuracy",), ("premise", "hypothesis"), dev_file="dev_matched.tsv"),
+    "qnli": TaskSpec("qnli", "QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"),
+                     ("entailment", "not_entailment"), ("accuracy",), ("question", "sentence")),
+    "rte": TaskSpec("rte", "RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
+                    ("entailment", "not_entailment"), ("accuracy",), ("sentence1", "sentence2")),
+    "wnli": TaskSpec("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("0", "1"),
+                     ("not_entailment", "entailment"), ("accuracy",), ("sentence1", "sentence2")),
+}
+ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli_matched": "mnli"}
+TASK_NAMES = tuple(GLUE_TASKS) + ("custom",)
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    split: str
+    texts: list            # [(text_a, text_b or None)]
+    labels: np.ndarray     # int64 label ids, or float32 scores for regression
+    source: str = ""       # where it was read from
+
+    @property
+    def label_names(self):
+        return list(self.spec.label_names)
+
+    def __len__(self):
+        return len(self.texts)
+
+
+def get_spec(task: str) -> TaskSpec:
+    if not task:
+        raise UsageError("no task given: pass --task (one of " + ", ".join(TASK_NAMES) + ")")
+    key = ALIASES.get(task.lower(), task.lower())
+    if key not in GLUE_TASKS:
+        raise UsageError(f"unknown task '{task}': choose one of " + ", ".join(TASK_NAMES))
+    return GLUE_TASKS[key]
+
+
+def resolve_data_dir(data_dir: str | None) -> Path | None:
+    """--data-dir, else $THESEUS_DATA_DIR, else ../shared/data/glue if it exists, else None (hub)."""
+    if data_dir:
+        p = Path(data_dir).expanduser()
+        if not p.is_dir():
+            raise UsageError(f"data folder does not exist: {data_dir}")
+        return p
+    env = os.environ.get("THESEUS_DATA_DIR")
+    if env:
+        if not Path(env).is_dir():
+            raise UsageError(f"THESEUS_DATA_DIR does not exist: {env}")
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "data" / "glue"
+        if cand.is_dir():
+            return cand
+    return None
+
+
+# ---------------------------------------------------------------------------- GLUE, local TSV
+def _read_tsv(path: Path, spec: TaskSpec):
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    if spec.header:
+        header, rows = rows[0], rows[1:]
+        try:
+            cols = [header.index(c) for c in spec.columns]
+            lab = header.index(spec.label_column)
+        except ValueError as e:
+            raise UsageError(f"{path}: expected column missing ({e}); header is {header}") from None
+    else:
+        cols, lab = list(spec.columns), spec.label_column
+    texts, labels = [], []
+    need = max(cols + [lab])
+    for r in rows:
+        if len(r) <= need:
+            continue  # a few official rows are truncated; the reference processors skip them too
+        texts.append((r[cols[0]], r[cols[1]] if len(cols) > 1 else None))
+        labels.append(r[lab])
+    return texts, labels
+
+
+def _load_glue_local(spec: TaskSpec, root: Path, split: str):
+    folder = root / spec.dir_name
+    if not folder.is_dir():
+        raise UsageError(f"task folder {spec.dir_name}/ not found in {root}")
+    fname = {"train": "train.tsv", "dev": spec.dev_file, "dev_mismatched": "dev_mismatched.tsv"}[split]
+    path = folder / fname
+    if not path.is_file():
+        raise UsageError(f"missing data file: {path}")
+    texts, raw = _read_tsv(path, spec)
+    if spec.is_regression:
+        labels = np.asarray([float(x) for x in raw], dtype=np.float32)
+    else:
+        index = {v: i for i, v in enumerate(spec.raw_labels)}
+        bad = sorted({x for x in raw if x not in index})
+        if bad:
+            raise UsageError(f"{path}: unexpected labels {bad[:5]} (expected {list(spec.raw_labels)})")
+        labels = np.asarray([index[x] for x in raw], dtype=np.int64)
+    return texts, labels, str(path)
+
+
+def _load_glue_hub(spec: TaskSpec, split: str):
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("no local GLUE folder found and `datasets` is not installed: pass --data-dir") from None
+    hub_split = {"train": "train", "dev": "validation_matched" if spec.name == "mnli" else "validation",
+                 "dev_mismatched": "validation_mismatched"}[split]
+    try:
+        ds = datasets.load_dataset("nyu-mll/glue", spec.name, split=hub_split)
+    except Exception as e:  # network, missing config ...: one line for the user
+        raise UsageError(f"could not load GLUE/{spec.name} from the hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); pass --data-dir with a local glue_data folder") from None
+    a = ds[spec.hub_columns[0]]
+    b = ds[spec.hub_columns[1]] if len(spec.hub_columns) > 1 else [None] * len(a)
+    dtype = np.float32 if spec.is_regression else np.int64
+    return list(zip(a, b)), np.asarray(ds["label"], dtype=dtype), f"hub:nyu-mll/glue/{spec.name}/{hub_split}"
+
+
+# ---------------------------------------------------------------------------- custom files
+def _read_table(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"data file does not exist: {path}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".json", ".jsonl"):
+            text = p.read_text(encoding="utf-8-sig").strip()
+            if text.startswith("["):
+                rows = json.loads(text)
+            else:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif suffix in (".csv", ".tsv"):
+            with open(p, encoding="utf-8-sig", newline="") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise UsageError(f"unsupported data file type '{suffix}' (use .csv, .tsv, .json or .jsonl): {path}")
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise UsageError(f"could not parse {path}: {e}") from None
+    if not rows:
+        raise UsageError(f"no examples in {path}")
+    if not all(isinstance(r, dict) for r in rows):
+        raise UsageError(f"{path}: every record must be an object with named columns")
+    return rows
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def custom_spec(train_file: str | None, text_columns: str | None, label_column: str | None,
+                problem_type: str = "auto", label_names: list[str] | None = None) -> TaskSpec:
+    """Build a TaskSpec from the training file (label set, classification vs regression)."""
+    if not text_columns or not label_column:
+        raise UsageError("--task custom needs --text-columns and --label-column")
+    cols = tuple(c.strip() for c in text_columns.split(",") if c.strip())
+    if not 1 <= len(cols) <= 2:
+        raise UsageError(f"--text-columns takes one or two column names, got '{text_columns}'")
+    if label_names is None:
+        if not train_file:
+            raise UsageError("--task custom needs --train-file (it defines the label set)")
+        rows = _read_table(train_file)
+        if label_column not in rows[0]:
+            raise UsageError(f"label column '{label_column}' not in {train_file} (columns: {', '.join(rows[0])})")
+        values = [r.get(label_column) for r in rows]
+        numeric = all(_is_number(v) for v in values)
+        if problem_type == "auto":
+            problem_type = "regression" if numeric and any(float(v) != int(float(v)) for v in values) else "classification"
+        if problem_type == "regression":
+            label_names = []
+        else:
+            uniq = {str(v) for v in values}
+            label_names = sorted(uniq, key=lambda v: (float(v), v) if numeric else (0, v))
+    metrics = ("pearson", "spearman") if not label_names else (("f1", "accuracy") if len(label_names) == 2 else ("accuracy",))
+    return TaskSpec("custom", "", cols, label_column, tuple(label_names), tuple(label_names), metrics)
+
+
+def _load_custom(spec: TaskSpec, path: str):
+    rows = _read_table(path)
+    for c in spec.columns + (spec.label_column,):
+        if c not in rows[0]:
+            raise UsageError(f"column '{c}' not in {path} (columns: {', '.join(rows[0])})")
+    texts = [(str(r[spec.columns[0]]), str(r[spec.columns[1]]) if len(spec.columns) > 1 else None) for r in rows]
+    raw = [r[spec.label_column] for r in rows]
+    if spec.is_regression:
+        if not all(_is_number(v) for v in raw):
+            raise UsageError(f"{path}: regression labels must be numbers")
+        return texts, np.asarray([float(v) for v in raw], dtype=np.float32), path
+    index = {v: i for i, v in enumerate(spec.label_names)}
+    bad = sorted({str(v) for v in raw if str(v) not in index})
+    if bad:
+        raise UsageError(f"{path}: labels {bad[:5]} not among the training labels {list(spec.label_names)}")
+    return texts, np.asarray([index[str(v)] for v in raw], dtype=np.int64), path
+
+
+def load_task(task: str, data_dir: str | None = None, split: str = "dev", max_samples: int | None = None,
+              train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
+              label_column: str | None = None, problem_type: str = "auto", spec: TaskSpec | None = None) -> TaskData:
+    """Load one split of a GLUE task or of the user's files (`task='custom'`)."""
+    if split not in ("train", "dev", "dev_mismatched"):
+        raise UsageError(f"unknown split '{split}' (train, dev, dev_mismatched)")
+    if task and task.lower() == "custom":
+        spec = spec or custom_spec(train_file, text_columns, label_column, problem_type)
+        path = train_file if split == "train" else validation_file
+        if not path:
+            raise UsageError(f"--task custom needs --{'train' if split == 'train' else 'validation'}-file")
+        texts, labels, source = _load_custom(spec, path)
+    else:
+        spec = get_spec(task)
+        if split == "dev_mismatched" and spec.name != "mnli":
+            raise UsageError("split dev_mismatched exists only for mnli")
+        root = resolve_data_dir(data_dir)
+        texts, labels, source = _load_glue_local(spec, root, split) if root else _load_glue_hub(spec, split)
+    if max_samples is not None:
+        texts, labels = texts[:max_samples], labels[:max_samples]
+    if len(texts) == 0:
+        raise UsageError(f"no examples in the {split} split of {source}")
+    return TaskData(spec, split, texts, labels, source)
+
+
+def load_from_config(cfg, split: str, spec: TaskSpec | None = None) -> TaskData:
+    """load_task with the data fields of a DataConfig."""
+    max_samples = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
+    return load_task(cfg.task, cfg.data_dir, split, max_samples, cfg.train_file, cfg.validation_file,
+                     cfg.text_columns, cfg.label_column, cfg.problem_type, spec=spec)
+
+
+# ---------------------------------------------------------------------------- labels vs model
+def label_mapping(data_spec: TaskSpec, model_config) -> np.ndarray | None:
+    """Map data label ids to the model's label ids; None means identity.
+
+    A model fine-tuned by us carries the task's names in id2label; a model from elsewhere may
+    carry generic LABEL_i names, which we take positionally when the count matches.
+    """
+    n_model = model_config.num_labels
+    if data_spec.is_regression:
+        if n_model != 1:
+            raise UsageError(f"task {data_spec.name} is a regression task but the model has {n_model} labels")
+        return None
+    names = list(data_spec.label_names)
+    if n_model != len(names):
+        raise UsageError(f"the model has {n_model} labels but task {data_spec.name} has {len(names)} ({', '.join(names)})")
+    label2id = {str(k): int(v) for k, v in (model_config.label2id or {}).items()}
+    if all(n in label2id for n in names):
+        mapping = np.asarray([label2id[n] for n in names], dtype=np.int64)
+        return None if (mapping == np.arange(len(names))).all() else mapping
+    if all(k.startswith("LABEL_") for k in label2id) or not label2id:
+        return None
+    missing = [n for n in names if n not in label2id]
+    raise UsageError(f"labels the model does not have: {', '.join(missing)} (model labels: {', '.join(label2id)})")
+
+
+# ---------------------------------------------------------------------------- tokenise + batch
+@dataclass
+class Encoded:
+    features: list = field(default_factory=list)   # dicts of token lists, one per example
+    labels: np.ndarray | None = None
+
+
+def encode(tokenizer, data: TaskData, max_seq_length: int, input_names: list[str], mapping=None) -> Encoded:
+    a = [t[0] for t in data.texts]
+    b = [t[1] for t in data.texts] if data.texts[0][1] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_seq_length)
+    keys = [k for k in input_names if k in enc]
+    feats = [{k: enc[k][i] for k in keys} for i in range(len(a))]
+    labels = data.labels if mapping is None else mapping[data.labels]
+    return Encoded(feats, labels)
+
+
+class _Dataset:
+    def __init__(self, encoded: Encoded):
+        self.e = encoded
+
+    def __len__(self):
+        return len(self.e.features)
+
+    def __getitem__(self, i):
+        item = dict(self.e.features[i])
+        item["labels"] = self.e.labels[i].item()
+        return item
+
+
+def make_loader(tokenizer, encoded: Encoded, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                skip_batches: int = 0):
+    """Dynamic padding per batch. The shuffle order depends only on (seed, epoch), and a
+    resumed run skips the batches it already trained on, so it sees exactly the batches an
+    uninterrupted run would have seen."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    def collate(items):
+        labels = torch.tensor([it.pop("labels") for it in items])
+        batch = tokenizer.pad(items, return_tensors="pt")
+        batch["labels"] = labels
+        return dict(batch)
+
+    n = len(encoded.features)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle else torch.arange(n)
+    batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip_batches:]
+    return DataLoader(_Dataset(encoded), batch_sampler=batches, collate_fn=collate)

@@ -1,0 +1,453 @@
+"""Recipes: finetune (gives the predecessor) and compress (BERT-of-Theseus), plus evaluate.
+
+A recipe is one class read top to bottom: setup -> train -> save. Distribution and mixed
+precision come from `accelerate` (`accelerate launch -m theseus_deploy compress ...`); there
+is no distributed code path of our own.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as C
+from .data import encode, label_mapping, load_from_config, make_loader
+from .errors import UsageError
+from .hf import load_classifier, load_tokenizer, model_input_names
+from .io import atomic_output_dir, check_output_dir, write_json
+from .metrics import compute_metrics
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    all_logits, all_labels = [], []
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        if accelerator is not None:
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+        all_logits.append(logits.cpu().numpy())
+        all_labels.append(labels.cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(all_logits), np.concatenate(all_labels)
+
+
+def resolve_budget(cfg, n_train: int, steps_per_epoch: int) -> tuple[int, float]:
+    """(total optimizer steps, epochs). Explicit --max-steps / --epochs win; otherwise the
+    budget scales with the data: at least `min_steps` steps and 3 epochs, at most `max_epochs`."""
+    if cfg.max_steps is not None:
+        if cfg.max_steps < 1:
+            raise UsageError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+        return cfg.max_steps, cfg.max_steps / steps_per_epoch
+    if cfg.epochs is not None:
+        if cfg.epochs <= 0:
+            raise UsageError(f"--epochs must be positive, got {cfg.epochs}")
+        return max(1, math.ceil(cfg.epochs * steps_per_epoch)), cfg.epochs
+    epochs = min(cfg.max_epochs, max(3, math.ceil(cfg.min_steps / steps_per_epoch)))
+    return epochs * steps_per_epoch, float(epochs)
+
+
+class Recipe:
+    """What finetune and compress share: data, optimizer, loop, eval, checkpoints, output."""
+
+    kind = "finetune"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.interrupt_at: int | None = None  # tests: stop as if killed after this step
+
+    # ================================================================== setup
+    def setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg = self.cfg
+        if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+            raise UsageError("batch sizes must be at least 1")
+        if cfg.max_seq_length < 8:
+            raise UsageError(f"--max-seq-length must be at least 8, got {cfg.max_seq_length}")
+        self.output = Path(cfg.output)
+        self.work = self.output.with_name(self.output.name + ".partial")  # checkpoints live here
+        if not (self.kind == "compress" and cfg.resume):
+            check_output_dir(self.output, cfg.overwrite)
+
+        # Data first: bad files fail before any model is loaded.
+        self.train_data = load_from_config(cfg, "train")
+        self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
+        self.spec = self.train_data.spec
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = self.build_model()        # sets self.hf_config
+        mapping = label_mapping(self.spec, self.hf_config)
+        names = model_input_names(self.hf_config)
+        self.train_enc = encode(self.tokenizer, self.train_data, cfg.max_seq_length, names, mapping)
+        self.dev_enc = encode(self.tokenizer, self.dev_data, cfg.max_seq_length, names, mapping)
+
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.kind == "compress")
+        self.acc = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+        n_batches = math.ceil(len(self.train_enc.features) / cfg.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(n_batches / self.acc.num_processes))
+        self.total_steps, self.epochs = resolve_budget(cfg, len(self.train_enc.features), self.steps_per_epoch)
+        self.eval_steps = cfg.eval_steps or self.steps_per_epoch
+        self.save_steps = cfg.save_steps or self.eval_steps
+        self.lr = cfg.lr if cfg.lr is not None else C.DEFAULT_LR[self.kind]
+        self.setup_extra()
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
+        self.lr_schedule = get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.dev_loader = self.acc.prepare(make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False))
+        self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, -1, 0
+        self.history: list[dict] = []
+        torch.manual_seed(cfg.seed)
+        if self.kind == "compress" and cfg.resume:
+            self.load_checkpoint()
+        return self
+
+    def build_model(self):
+        model = load_classifier(self.cfg.model, num_labels=self.spec.num_labels,
+                                id2label=dict(enumerate(self.spec.label_names)) if not self.spec.is_regression else None,
+                                label2id={n: i for i, n in enumerate(self.spec.label_names)} if not self.spec.is_regression else None,
+                                problem_type="regression" if self.spec.is_regression else "single_label_classification")
+        self.hf_config = model.config
+        if self.cfg.freeze_layers > 0:
+            from .modeling import find_layers
+            base = model.base_model
+            for p in base.embeddings.parameters():
+                p.requires_grad_(False)
+            parent, attr, _ = find_layers(model)
+            for layer in list(getattr(parent, attr))[: self.cfg.freeze_layers]:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+        return model
+
+    def setup_extra(self):
+        pass
+
+    # ================================================================== train
+    def before_step(self) -> bool:
+        """Called before each batch; False means: nothing to train on this batch."""
+        return True
+
+    def step_log(self) -> dict:
+        return {}
+
+    def train(self):
+        cfg, acc = self.cfg, self.acc
+        self.model.train()
+        t0, last_loss, skipped = time.time(), [], 0
+        log(f"[{self.kind}] {len(self.train_enc.features)} train / {len(self.dev_enc.features)} dev examples, "
+            f"{self.total_steps} steps ({self.epochs:g} epochs of {self.steps_per_epoch}), lr {self.lr:g}")
+        progress = _progress(self.total_steps, self.step, acc.is_local_main_process)
+        stop = False
+        while self.step < self.total_steps and not stop:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            loader = acc.prepare(make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch,
+                                             skip * acc.num_processes))
+            for batch in loader:
+                if self.before_step():
+                    labels = batch.pop("labels")
+                    out = self.model(**batch, labels=labels)
+                    acc.backward(out.loss)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    last_loss.append(out.loss.item())
+                else:
+                    skipped += 1  # every module drew its predecessor: no trainable tensor in the graph
+                self.lr_schedule.step()  # the schedule advances either way
+                self.step += 1
+                progress.update(1)
+                if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                    rec = {"step": self.step, "loss": float(np.mean(last_loss)) if last_loss else None,
+                           "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": skipped,
+                           "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
+                    self.history.append(rec)
+                    progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
+                                          for k, v in rec.items() if k in ("loss", "p")})
+                    last_loss = []
+                if self.step % self.eval_steps == 0 or self.step == self.total_steps:
+                    stop = self.evaluate_and_track()
+                if self.step % self.save_steps == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.interrupt_at is not None and self.step >= self.interrupt_at:
+                    self.save_checkpoint()
+                    progress.close()
+                    return self
+                if stop or self.step >= self.total_steps:
+                    break
+        progress.close()
+        return self
+
+    def evaluate_and_track(self) -> bool:
+        """Dev evaluation; keeps the best weights; True when early stopping says stop."""
+        logits, labels = predict(self.model, self.dev_loader, self.acc)
+        metrics = compute_metrics(self.spec, logits, labels)
+        self.history.append({"step": self.step, "eval": metrics, **self.step_log()})
+        log(f"[{self.kind}] step {self.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if metrics["score"] > self.best_score:
+            self.best_score, self.best_step, self.bad_evals = metrics["score"], self.step, 0
+            self.best_metrics = metrics
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.final_state_dict().items()}
+            self.work.mkdir(parents=True, exist_ok=True)
+            torch.save({"state": self.best_state, "score": self.best_score, "step": self.step, "metrics": metrics},
+                       self.work / "best.pt")
+        else:
+            self.bad_evals += 1
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.bad_evals >= patience and self.may_stop_early()
+
+    def may_stop_early(self) -> bool:
+        return True
+
+    # ================================================================== checkpoints
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def save_checkpoint(self):
+        if not self.acc.is_main_process:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": self.step,
+            "model": {k: v for k, v in self.acc.unwrap_model(self.model).state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "best": (self.best_score, self.best_step, self.bad_evals),
+            "history": self.history,
+            "config": C.to_dict(self.cfg),
+            **self.checkpoint_state(),
+        }
+        tmp = self.work / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.work / "checkpoint.pt")
+
+    def load_checkpoint(self):
+        path = self.work / "checkpoint.pt"
+        if not path.is_file():
+            raise UsageError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.best_score, self.best_step, self.bad_evals = state["best"]
+        self.history = state["history"]
+        if (self.work / "best.pt").is_file():
+            best = torch.load(self.work / "best.pt", map_location="cpu", weights_only=False)
+            self.best_state, self.best_metrics = best["state"], best["metrics"]
+        self.restore_extra(state)
+        log(f"[{self.kind}] resumed from {path} at step {self.step}")
+
+    def restore_extra(self, state: dict):
+        pass
+
+    # ================================================================== save
+    def final_state_dict(self) -> dict:
+        return self.acc.unwrap_model(self.model).state_dict()
+
+    def final_model(self):
+        """The plain HF model with the best weights."""
+        model = self.acc.unwrap_model(self.model)
+        model.load_state_dict(self.best_state)
+        return model
+
+    def resolved_config(self) -> dict:
+        return {**C.to_dict(self.cfg), "command": self.kind, "lr": self.lr, "epochs": self.epochs,
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                "eval_steps": self.eval_steps, "save_steps": self.save_steps,
+                "num_train_examples": len(self.train_data), "num_dev_examples": len(self.dev_data),
+                "data_source": {"train": self.train_data.source, "dev": self.dev_data.source},
+                "num_processes": self.acc.num_processes}
+
+    def summary(self) -> dict:
+        return {"task": self.spec.name, "best_step": self.best_step, "dev": self.best_metrics}
+
+    def save(self):
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return self
+        model = self.final_model()
+        with atomic_output_dir(self.output, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "run_config.json", self.resolved_config())
+            write_json(tmp / "metrics.json", self.summary())
+            with open(tmp / "train_log.jsonl", "w") as f:
+                for rec in self.history:
+                    f.write(json.dumps(rec) + "\n")
+        shutil.rmtree(self.work, ignore_errors=True)
+        log(f"[{self.kind}] saved {self.output} (best dev score {self.best_score:.4f} at step {self.best_step})")
+        return self
+
+
+class FinetuneRecipe(Recipe):
+    kind = "finetune"
+
+
+class CompressRecipe(Recipe):
+    """BERT-of-Theseus: only the successor layers learn, from the task loss alone."""
+
+    kind = "compress"
+
+    def build_model(self):
+        from .modeling import TheseusModel
+
+        predecessor = load_classifier(self.cfg.model)
+        self.hf_config = predecessor.config
+        if self.cfg.successor_layers is not None and self.cfg.successor_layers < 1:
+            raise UsageError(f"--successor-layers must be at least 1, got {self.cfg.successor_layers}")
+        self.theseus = TheseusModel(predecessor, self.cfg.successor_layers, self.cfg.init)
+        return self.theseus
+
+    def setup_extra(self):
+        from .schedulers import make_scheduler
+
+        cfg = self.cfg
+        steps_to_full = cfg.steps_to_full
+        if steps_to_full is None and cfg.k is None:
+            steps_to_full = max(1, self.total_steps // 2)  # p reaches 1 half-way; the successor then trains alone
+        self.scheduler = make_scheduler(cfg.scheduler, cfg.replacing_rate, steps_to_full, cfg.k)
+        self.replace_gen = torch.Generator().manual_seed(cfg.seed + 1)  # draws: their own RNG, resumable
+        self.head_unfrozen = False
+        self.last_p = self.scheduler(0)
+        # The predecessor's own dev score, for the retention figure.
+        self.theseus.force("predecessor")
+        loader = make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False)
+        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.theseus, loader))
+        self.theseus.force(None)
+        log(f"[compress] predecessor ({self.theseus.predecessor_layers} layers) dev: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in self.predecessor_metrics.items()))
+        log(f"[compress] {self.theseus.predecessor_layers} -> {self.theseus.num_modules} layers, blocks "
+            f"{self.theseus.blocks}, init from {self.theseus.init_from}, {cfg.scheduler} schedule "
+            f"b={self.scheduler.b:g} k={self.scheduler.k:.3g} (p=1 at step {self.scheduler.steps_to_full})")
+
+    def before_step(self) -> bool:
+        p = self.scheduler(self.step)
+        self.last_p = p
+        if self.cfg.unfreeze_head and p >= 1.0 and not self.head_unfrozen:
+            self._unfreeze_head()
+        draws = self.theseus.sample(p, self.replace_gen)
+        return any(draws) or self.head_unfrozen
+
+    def _unfreeze_head(self):
+        params = self.theseus.head_parameters()
+        for p in params:
+            p.requires_grad_(True)
+        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        new = [p for p in params if id(p) not in known]
+        if new:
+            self.optimizer.add_param_group({"params": new, "lr": self.optimizer.param_groups[0]["lr"],
+                                            "initial_lr": self.lr, "weight_decay": self.cfg.weight_decay})
+            self.lr_schedule.base_lrs.append(self.lr)
+            self.lr_schedule.lr_lambdas.append(self.lr_schedule.lr_lambdas[0])
+        self.head_unfrozen = True
+
+    def step_log(self) -> dict:
+        return {"p": round(self.last_p, 6)}
+
+    def may_stop_early(self) -> bool:
+        return self.scheduler(self.step) >= 1.0  # only once the successor trains alone
+
+    def checkpoint_state(self) -> dict:
+        return {"replace_gen": self.replace_gen.get_state(), "head_unfrozen": self.head_unfrozen}
+
+    def restore_extra(self, state):
+        self.replace_gen.set_state(state["replace_gen"])
+        if state.get("head_unfrozen"):
+            # The optimizer state above was saved with the head group: rebuild it, then reload.
+            self._unfreeze_head()
+            self.optimizer.load_state_dict(torch.load(self.work / "checkpoint.pt", map_location="cpu",
+                                                      weights_only=False)["optimizer"])
+
+    def final_state_dict(self):
+        return self.theseus.successor_state_dict()
+
+    def final_model(self):
+        model = self.theseus.to_successor()
+        model.load_state_dict(self.best_state)
+        return model
+
+    def resolved_config(self) -> dict:
+        t = self.theseus
+        return {**super().resolved_config(), "predecessor_layers": t.predecessor_layers,
+                "successor_layers": t.num_modules, "blocks": t.blocks, "init_from": t.init_from,
+                "scheduler_b": self.scheduler.b, "scheduler_k": self.scheduler.k,
+                "steps_to_full": self.scheduler.steps_to_full}
+
+    def summary(self) -> dict:
+        pred, succ = self.predecessor_metrics["score"], self.best_metrics["score"]
+        return {**super().summary(), "predecessor_dev": self.predecessor_metrics,
+                "retention": succ / pred if pred > 0 else None,
+                "predecessor_layers": self.theseus.predecessor_layers, "successor_layers": self.theseus.num_modules}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+
+def _print_table(rows: list[tuple[str, dict]], metrics: tuple):
+    head = f"{'model':<28}" + "".join(f"{m:>10}" for m in metrics + ("score",))
+    print(head)
+    for name, m in rows:
+        print(f"{name:<28}" + "".join(f"{m[k]:>10.4f}" for k in metrics + ("score",)))
+
+
+# ====================================================================== entry points
+def run_finetune(cfg: C.FinetuneConfig):
+    r = FinetuneRecipe(cfg).setup().train().save()
+    _print_table([(f"finetuned ({r.hf_config.num_hidden_layers} layers)", r.best_metrics)], r.spec.metrics)
+    return r
+
+
+def run_compress(cfg: C.CompressConfig):
+    r = CompressRecipe(cfg).setup().train()
+    if r.interrupt_at is None:
+        r.save()
+        s = r.summary()
+        _print_table([(f"predecessor ({s['predecessor_layers']} layers)", s["predecessor_dev"]),
+                      (f"successor ({s['successor_layers']} layers)", s["dev"])], r.spec.metrics)
+        if s["retention"] is not None:
+            print(f"retention: {100 * s['retention']:.1f}%")
+    return r
+
+
+def run_evaluate(cfg: C.EvaluateConfig) -> dict:
+    data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split)
+    model = load_classifier(cfg.model).eval()
+    tokenizer = load_tokenizer(cfg.model)
+    mapping = label_mapping(data.spec, model.config)
+    enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(model), mapping)
+    t0 = time.time()
+    logits, labels = predict(model, make_loader(tokenizer, enc, cfg.batch_size, False))
+    metrics = compute_metrics(data.spec, logits, labels)
+    result = {"model": cfg.model, "task": data.spec.name, "split": cfg.split, "num_examples": len(data),
+              "num_layers": model.config.num_hidden_layers, "metrics": metrics,
+              "seconds": round(time.time() - t0, 3), "data_source": data.source}
+    if cfg.output:
+        write_json(cfg.output, result)
+    if cfg.json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table([(f"{Path(cfg.model).name} ({result['num_layers']} layers)", metrics)], data.spec.metrics)
+    return result
