@@ -352,4 +352,6 @@ def make_loader(tokenizer, encoded: Encoded, batch_size: int, shuffle: bool, see
     n = len(encoded.features)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle else torch.arange(n)
     batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip_batches:]
-    return DataLoader(_Dataset(encoded), batch_sampler=batches, collate_fn=collate)
+    # A private generator: creating a loader iterator must not consume the global RNG (dropout),
+    # or a resumed run would draw different dropout masks.
+    return DataLoader(_Dataset(encoded), batch_sampler=batches, collate_fn=collate, generator=torch.Generator())

@@ -11,6 +11,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +170,14 @@ class Recipe:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     last_loss.append(out.loss.item())
+                    self.lr_schedule.step()
                 else:
-                    skipped += 1  # every module drew its predecessor: no trainable tensor in the graph
-                self.lr_schedule.step()  # the schedule advances either way
+                    # Every module drew its predecessor: no trainable tensor in the graph, nothing
+                    # to learn; the schedules still advance so p and lr follow the step count.
+                    skipped += 1
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+                        self.lr_schedule.step()
                 self.step += 1
                 progress.update(1)
                 if self.step % cfg.log_steps == 0 or self.step == self.total_steps:

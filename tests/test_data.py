@@ -1,0 +1,119 @@
+"""GLUE loaders on the real ../shared/data/glue files, custom files, label mapping."""
+import json
+
+import numpy as np
+import pytest
+
+from theseus_deploy.data import custom_spec, get_spec, label_mapping, load_task, resolve_data_dir
+from theseus_deploy.errors import UsageError
+
+# rows as documented in ../shared/README.md
+COUNTS = {"sst2": (67349, 872), "mrpc": (3668, 408), "cola": (8551, 1043), "stsb": (5749, 1500), "rte": (2490, 277)}
+
+
+@pytest.mark.parametrize("task", sorted(COUNTS))
+def test_glue_loaders(task, glue_dir):
+    train = load_task(task, str(glue_dir), "train")
+    dev = load_task(task, str(glue_dir), "dev")
+    assert (len(train), len(dev)) == COUNTS[task]
+    spec = get_spec(task)
+    pair = task != "sst2" and task != "cola"
+    assert all((b is not None) == pair for _, b in dev.texts)
+    if spec.is_regression:
+        assert dev.labels.dtype == np.float32 and 0 <= dev.labels.min() and dev.labels.max() <= 5
+    else:
+        assert set(np.unique(train.labels)) == set(range(spec.num_labels))
+
+
+def test_mrpc_bom_and_cola_headerless(glue_dir):
+    mrpc = load_task("mrpc", str(glue_dir), "dev")
+    assert mrpc.texts[0][0].startswith("He said the foodservice pie business")
+    assert mrpc.labels[0] == 1
+    cola = load_task("cola", str(glue_dir), "dev")
+    assert cola.texts[0] == ("The sailors rode the breeze clear of the rocks.", None)
+    rte = load_task("rte", str(glue_dir), "dev")
+    assert rte.labels[0] == 1  # not_entailment is id 1, as on the hub
+
+
+def test_max_samples_and_env_override(glue_dir, monkeypatch, tmp_path):
+    assert len(load_task("sst2", str(glue_dir), "dev", max_samples=10)) == 10
+    monkeypatch.setenv("THESEUS_DATA_DIR", str(glue_dir))
+    assert resolve_data_dir(None) == glue_dir
+    monkeypatch.setenv("THESEUS_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match="THESEUS_DATA_DIR does not exist"):
+        resolve_data_dir(None)
+
+
+def test_unknown_task_and_missing_dir(tmp_path):
+    with pytest.raises(UsageError, match="unknown task 'sst3'"):
+        load_task("sst3")
+    with pytest.raises(UsageError, match="data folder does not exist"):
+        load_task("sst2", str(tmp_path / "missing"))
+    with pytest.raises(UsageError, match="task folder SST-2/ not found"):
+        load_task("sst2", str(tmp_path))
+
+
+def _write(path, rows, kind):
+    if kind == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        sep = "\t" if kind == "tsv" else ","
+        keys = list(rows[0])
+        path.write_text("\n".join([sep.join(keys)] + [sep.join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
+def test_custom_classification(tmp_path, kind):
+    rows = [{"text": f"t{i}", "other": f"o{i}", "y": ["neg", "pos"][i % 2]} for i in range(6)]
+    f = _write(tmp_path / f"d.{kind}", rows, kind)
+    d = load_task("custom", split="train", train_file=f, text_columns="text,other", label_column="y")
+    assert d.spec.label_names == ("neg", "pos") and not d.spec.is_regression
+    assert d.texts[1] == ("t1", "o1") and d.labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert d.spec.metrics == ("f1", "accuracy")
+
+
+def test_custom_regression_inferred(tmp_path):
+    rows = [{"a": "x", "score": v} for v in (0.5, 1.25, 3.0)]
+    f = _write(tmp_path / "r.csv", rows, "csv")
+    d = load_task("custom", split="dev", train_file=f, validation_file=f, text_columns="a", label_column="score")
+    assert d.spec.is_regression and d.labels.dtype == np.float32
+    spec = custom_spec(f, "a", "score", "classification")
+    assert spec.label_names == ("0.5", "1.25", "3.0")
+
+
+def test_custom_errors(tmp_path):
+    f = _write(tmp_path / "d.csv", [{"text": "a", "y": 1}], "csv")
+    with pytest.raises(UsageError, match="column 'txt' not in"):
+        load_task("custom", split="train", train_file=f, text_columns="txt", label_column="y")
+    with pytest.raises(UsageError, match="label column 'z' not in"):
+        load_task("custom", split="train", train_file=f, text_columns="text", label_column="z")
+    with pytest.raises(UsageError, match="does not exist"):
+        load_task("custom", split="train", train_file=str(tmp_path / "x.csv"), text_columns="text", label_column="y")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(UsageError, match="no examples"):
+        load_task("custom", split="train", train_file=str(empty), text_columns="text", label_column="y")
+    with pytest.raises(UsageError, match="needs --text-columns"):
+        load_task("custom", split="train", train_file=f)
+    dev = _write(tmp_path / "dev.csv", [{"text": "a", "y": 7}], "csv")
+    with pytest.raises(UsageError, match=r"labels \['7'\] not among"):
+        load_task("custom", split="dev", train_file=f, validation_file=dev, text_columns="text", label_column="y")
+
+
+class _Cfg:
+    def __init__(self, num_labels, label2id):
+        self.num_labels, self.label2id = num_labels, label2id
+
+
+def test_label_mapping():
+    sst2, stsb, mnli = get_spec("sst2"), get_spec("stsb"), get_spec("mnli")
+    assert label_mapping(sst2, _Cfg(2, {"negative": 0, "positive": 1})) is None
+    assert label_mapping(sst2, _Cfg(2, {"positive": 0, "negative": 1})).tolist() == [1, 0]
+    assert label_mapping(sst2, _Cfg(2, {"LABEL_0": 0, "LABEL_1": 1})) is None
+    with pytest.raises(UsageError, match="has 2 labels but task mnli has 3"):
+        label_mapping(mnli, _Cfg(2, {}))
+    with pytest.raises(UsageError, match="regression task but the model has 2 labels"):
+        label_mapping(stsb, _Cfg(2, {}))
+    with pytest.raises(UsageError, match="labels the model does not have: negative"):
+        label_mapping(sst2, _Cfg(2, {"positive": 0, "neutral": 1}))
