@@ -2,14 +2,14 @@
 # The main job end to end on real data: fetch the real all-MiniLM-L6-v2 encoder, fine-tune it
 # briefly on SST-2 (the predecessor, 6 layers), compress it to 3 layers with BERT-of-Theseus,
 # evaluate both on the SST-2 dev set and print the table. About 15 minutes on 2 CPU cores.
-#   STEPS_FT=300 STEPS_COMPRESS=600 RUNS=runs/demo bash scripts/demo.sh
+#   STEPS_FT=400 STEPS_COMPRESS=800 RUNS=runs/demo bash scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TD=${TD:-.venv/bin/theseus-deploy}
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs/demo}
-STEPS_FT=${STEPS_FT:-300}
-STEPS_COMPRESS=${STEPS_COMPRESS:-600}
+STEPS_FT=${STEPS_FT:-400}
+STEPS_COMPRESS=${STEPS_COMPRESS:-800}
 SEQ=${SEQ:-64}
 MODEL=${MODEL:-$HOME/.cache/theseus-models/all-MiniLM-L6-v2}
 

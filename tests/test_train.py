@@ -186,3 +186,15 @@ def test_help_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "compress" in out.stdout and "finetune" in out.stdout
+
+
+def test_truncation_baseline(predecessor, toy, tmp_path):
+    out = tmp_path / "trunc"
+    r = run(["finetune", "--model", str(predecessor), *toy, "--keep-layers", "2", "--output", str(out),
+             "--max-steps", "4", "--batch-size", "16", "--max-seq-length", "16"])
+    assert r.exit_code == 0, r.output
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 2
+    bad = CliRunner().invoke(cli, ["finetune", "--model", str(predecessor), *toy, "--keep-layers", "9",
+                                   "--output", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--keep-layers must be between 1 and" in bad.output
+    assert not (tmp_path / "bad").exists()

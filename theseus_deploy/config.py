@@ -61,7 +61,8 @@ class FinetuneConfig(TrainConfig):
     # so that tiny data sets still get enough updates.
     min_steps: int = opt(300, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).")
     max_epochs: int = opt(10, "Cap on the epochs chosen by the default budget.")
-    freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (N<0: none).")
+    freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (0: train everything).")
+    keep_layers: int | None = opt(None, "Keep only the bottom N layers before training (the truncation baseline).")
 
 
 @dataclass

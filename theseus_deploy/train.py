@@ -127,6 +127,8 @@ class Recipe:
                                 id2label=dict(enumerate(self.spec.label_names)) if not self.spec.is_regression else None,
                                 label2id={n: i for i, n in enumerate(self.spec.label_names)} if not self.spec.is_regression else None,
                                 problem_type="regression" if self.spec.is_regression else "single_label_classification")
+        if self.cfg.keep_layers is not None:
+            model = truncate(model, self.cfg.keep_layers)
         self.hf_config = model.config
         if self.cfg.freeze_layers > 0:
             from .modeling import find_layers
@@ -303,6 +305,20 @@ class Recipe:
         shutil.rmtree(self.work, ignore_errors=True)
         log(f"[{self.kind}] saved {self.output} (best dev score {self.best_score:.4f} at step {self.best_step})")
         return self
+
+
+def truncate(model, keep_layers: int):
+    """The bottom `keep_layers` layers of `model`, as a plain model (the truncation baseline)."""
+    from .modeling import TheseusModel
+
+    num_layers = model.config.num_hidden_layers
+    if not 1 <= keep_layers <= num_layers:
+        raise UsageError(f"--keep-layers must be between 1 and the model's {num_layers} layers, got {keep_layers}")
+    theseus = TheseusModel(model, keep_layers, init="bottom")
+    out = theseus.to_successor()
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out.train()
 
 
 class FinetuneRecipe(Recipe):

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Training step time: Theseus compress at p=0.5 vs plain fine-tuning of the predecessor.
+
+Same model, batch and shapes; the two steps are interleaved (A B A B ...) so machine drift hits
+both; we report medians and the median of paired ratios.
+
+    python scripts/step_time.py --model ../shared/models/bert-base-uncased --layers 12 --batch-size 8 --seq-len 128
+    python scripts/step_time.py --model ~/.cache/theseus-models/all-MiniLM-L6-v2 --batch-size 32 --seq-len 64
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from theseus_deploy.hf import build_random_classifier, load_classifier
+from theseus_deploy.modeling import TheseusModel
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layers", type=int, default=None, help="random init from a config folder with this depth")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--p", type=float, default=0.5)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    def fresh():
+        if a.layers is not None:
+            return build_random_classifier(a.model, a.layers).train()
+        return load_classifier(a.model).train()
+
+    plain = fresh()
+    theseus = TheseusModel(fresh(), None)
+    theseus.train()
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-5)
+    opt_th = torch.optim.AdamW([p for p in theseus.parameters() if p.requires_grad], lr=1e-5)
+    vocab = plain.config.vocab_size
+    ids = torch.randint(1000, vocab - 1, (a.batch_size, a.seq_len))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(a.batch_size, dtype=torch.long)}
+    gen = torch.Generator().manual_seed(0)
+
+    def step_plain():
+        loss = plain(**batch).loss
+        loss.backward()
+        opt_plain.step()
+        opt_plain.zero_grad()
+
+    def step_theseus():
+        while not any(theseus.sample(a.p, gen)):
+            pass  # an all-predecessor batch trains nothing (and costs nothing): time real steps
+        loss = theseus(**batch).loss
+        loss.backward()
+        opt_th.step()
+        opt_th.zero_grad()
+
+    for f in (step_plain, step_theseus):  # warm-up
+        f()
+    times = {"finetune": [], "theseus": []}
+    for _ in range(a.reps):
+        for name, f in (("finetune", step_plain), ("theseus", step_theseus)):
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    ratios = [t / f for t, f in zip(times["theseus"], times["finetune"])]
+    out = {"model": a.model, "layers": plain.config.num_hidden_layers, "successor_layers": theseus.num_modules,
+           "batch_size": a.batch_size, "seq_len": a.seq_len, "p": a.p, "reps": a.reps,
+           "threads": torch.get_num_threads(),
+           "finetune_step_s_median": statistics.median(times["finetune"]),
+           "theseus_step_s_median": statistics.median(times["theseus"]),
+           "theseus_over_finetune_median_ratio": statistics.median(ratios),
+           "ratio_min_max": [min(ratios), max(ratios)]}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
