@@ -117,3 +117,40 @@ def test_label_mapping():
         label_mapping(stsb, _Cfg(2, {}))
     with pytest.raises(UsageError, match="labels the model does not have: negative"):
         label_mapping(sst2, _Cfg(2, {"positive": 0, "neutral": 1}))
+
+
+@pytest.mark.parametrize("task,cols", [("mnli", ("premise", "hypothesis")), ("qqp", ("question1", "question2")),
+                                       ("qnli", ("question", "sentence")), ("sst2", ("sentence",))])
+def test_hub_path_maps_columns_and_splits(task, cols, monkeypatch, tmp_path):
+    """No hub here: a stand-in for datasets.load_dataset checks names, splits and columns we ask for."""
+    import datasets
+
+    asked = {}
+
+    def fake_load(path, name, split):
+        asked.update(path=path, name=name, split=split)
+        data = {c: [f"{c} {i}" for i in range(3)] for c in cols}
+        data["label"] = [0, 1, 0]
+        return datasets.Dataset.from_dict(data)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.delenv("THESEUS_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("theseus_deploy.data.resolve_data_dir", lambda d: None)
+    d = load_task(task, split="dev")
+    assert asked == {"path": "nyu-mll/glue", "name": task, "split": "validation_matched" if task == "mnli" else "validation"}
+    assert d.texts[1] == (f"{cols[0]} 1", f"{cols[1]} 1" if len(cols) > 1 else None)
+    assert d.labels.tolist() == [0, 1, 0] and d.source.startswith("hub:")
+
+
+def test_hub_failure_is_one_line(monkeypatch):
+    import datasets
+
+    def boom(*a, **k):
+        raise ConnectionError("no network\nsecond line")
+
+    monkeypatch.setattr(datasets, "load_dataset", boom)
+    monkeypatch.setattr("theseus_deploy.data.resolve_data_dir", lambda d: None)
+    with pytest.raises(UsageError, match=r"could not load GLUE/rte from the hub \(ConnectionError: no network\); pass --data-dir") as e:
+        load_task("rte")
+    assert "\n" not in str(e.value)

@@ -59,7 +59,9 @@ def load_classifier(name: str, num_labels: int | None = None, **config_overrides
     """
     import torch
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in our logs
     config = load_config(name)
     if num_labels is not None:
         config.num_labels = num_labels
