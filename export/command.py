@@ -1,8 +1,49 @@
-"""Placeholder: the `export` command is being written."""
+"""`theseus-deploy export`: click only at import time; the work is in export.api."""
 import click
 
 
 @click.command(name="export")
-def export():
-    """(not yet available)"""
-    raise click.ClickException("'export' is not implemented yet")
+@click.option("--model", required=True, help="Model folder (predecessor or successor) or hub id.")
+@click.option("--format", "formats", multiple=True, required=True,
+              type=click.Choice(["onnx", "onnx-int8", "onnx-fp16", "trt", "torch-bf16"]),
+              help="Artifact to build; repeat for several. torch-bf16 writes nothing but is validated like one.")
+@click.option("--output", required=True, help="Output folder: one file per format, manifest.json, config and tokenizer.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 or higher).")
+@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Largest batch (TensorRT profile max).")
+@click.option("--max-seq-length", default=512, show_default=True, type=int, help="Longest sequence (TensorRT profile max).")
+@click.option("--opt-batch-size", default=None, type=int, help="TensorRT profile opt batch (default: max/2).")
+@click.option("--opt-seq-length", default=None, type=int, help="TensorRT profile opt sequence length (default: max/2).")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Check every artifact against PyTorch.")
+@click.option("--atol", default=None, type=float, help="Absolute tolerance on logits (default per format: fp32 1e-4, fp16 2e-2, int8/bf16 scale-relative).")
+@click.option("--task", default=None, help="Also score each artifact on this task's dev set next to PyTorch.")
+@click.option("--data-dir", default=None, help="Local glue_data folder for --task.")
+@click.option("--max-eval-samples", default=None, type=int, help="Score only the first N dev examples.")
+@click.option("--threads", default=None, type=int, help="CPU threads for validation runs.")
+@click.option("--overwrite/--no-overwrite", default=False, help="Replace a non-empty output folder.")
+def export(model, formats, output, **kwargs):
+    """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
+    import json
+
+    from export.api import export_model
+    from export.validate import ValidationError
+    from theseus_deploy.errors import UsageError
+
+    try:
+        manifest = export_model(model, formats, output, **kwargs)
+    except ValidationError as e:
+        raise UsageError(f"validation failed, nothing written: {e}") from None
+    for a in manifest["artifacts"]:
+        v = a.get("validation", {})
+        worst = max((s["max_abs_diff"] for s in v.get("shapes", [])), default=None)
+        task = v.get("task")
+        line = f"{a['format']:<11} {a.get('file') or '-':<18}"
+        if a.get("bytes"):
+            line += f" {a['bytes'] / 1e6:8.1f} MB"
+        if worst is not None:
+            line += f"  max|diff| {worst:.2e}"
+        if task:
+            line += f"  dev {task['score']:.4f} ({task['delta_vs_pytorch']:+.4f} vs PyTorch)"
+        if a.get("fused_ops"):
+            line += "  fused " + json.dumps({k: v for k, v in a["fused_ops"].items() if v})
+        click.echo(line)
+    click.echo(f"wrote {output}/manifest.json")

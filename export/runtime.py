@@ -1,0 +1,189 @@
+"""One runner per backend, shared by `export` validation, `bench` and users.
+
+    runner = load_runner("runs/succ", "torch-bf16")            # a model folder
+    runner = load_runner("exports/succ", "onnx-int8")           # a folder written by `export`
+    clf = TextClassifier.load("exports/succ", backend="onnx-int8")
+    clf(["a great movie", "a dull movie"])  -> [{"label": "positive", "score": 0.97}, ...]
+
+A runner takes native feeds (`make_inputs` / `encode`), runs one forward with `__call__` (what a
+timer times; results may stay on the device), and returns fp32 numpy logits with `logits`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from theseus_deploy.errors import UsageError
+
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "trt")
+ARTIFACT = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx", "trt": "model-fp16.plan"}
+
+
+def _random_ids(batch_size: int, seq_len: int, vocab_size: int, names, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000 if vocab_size > 2000 else 5, vocab_size - 1, size=(batch_size, seq_len), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    return {n: feeds[n] for n in names}
+
+
+class Runner:
+    name: str
+    backend: str
+    device: str
+    input_names: list
+    vocab_size: int
+
+    def make_inputs(self, batch_size: int, seq_len: int, seed: int = 0):
+        return self.encode(_random_ids(batch_size, seq_len, self.vocab_size, self.input_names, seed))
+
+    def encode(self, encoded: dict):
+        raise NotImplementedError
+
+    def __call__(self, feeds) -> None:
+        raise NotImplementedError
+
+    def logits(self, feeds) -> np.ndarray:
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        pass
+
+
+class TorchRunner(Runner):
+    """PyTorch eager, fp32 / bf16 / fp16, CPU or CUDA."""
+
+    DTYPES = {"torch": "float32", "torch-bf16": "bfloat16", "torch-fp16": "float16"}
+
+    def __init__(self, model, backend: str = "torch", device: str = "cpu", threads: int | None = None):
+        import torch
+
+        from theseus_deploy.hf import model_input_names
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+        if backend == "torch-fp16" and device == "cpu":
+            raise UsageError("backend torch-fp16 needs --device cuda (fp16 matmuls are slow or missing on CPU; use torch-bf16)")
+        self.torch = torch
+        self.dtype = getattr(torch, self.DTYPES[backend])
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.backend, self.device, self.name = backend, device, f"{backend}@{device}"
+        self.input_names = model_input_names(model)
+        self.vocab_size = model.config.vocab_size
+
+    def encode(self, encoded: dict):
+        return {n: self.torch.as_tensor(np.asarray(encoded[n]), dtype=self.torch.long, device=self.device)
+                for n in self.input_names}
+
+    def __call__(self, feeds):
+        with self.torch.inference_mode():
+            return self.model(**feeds).logits
+
+    def logits(self, feeds) -> np.ndarray:
+        return self(feeds).float().cpu().numpy()
+
+    def synchronize(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime: CPU EP, or CUDA / TensorRT EPs when onnxruntime-gpu is installed."""
+
+    def __init__(self, path: Path, backend: str, device: str = "cpu", threads: int | None = None,
+                 vocab_size: int = 30522):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if device == "cuda":
+            have = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in have:
+                raise UsageError(f"backend {backend} on --device cuda needs onnxruntime-gpu "
+                                 f"(pip install -e .[gpu]); available providers: {', '.join(have)}")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.backend, self.device, self.name = backend, device, f"{backend}@{device}"
+        self.vocab_size = vocab_size
+        self.path = Path(path)
+
+    def encode(self, encoded: dict):
+        return {n: np.ascontiguousarray(np.asarray(encoded[n], dtype=np.int64)) for n in self.input_names}
+
+    def __call__(self, feeds):
+        return self.session.run(["logits"], feeds)[0]
+
+    def logits(self, feeds) -> np.ndarray:
+        return np.asarray(self(feeds), dtype=np.float32)
+
+
+def _manifest_artifact(folder: Path, backend: str) -> Path | None:
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        for art in json.loads(manifest.read_text()).get("artifacts", []):
+            if art["format"] == backend:
+                return folder / art["file"]
+    cand = folder / ARTIFACT.get(backend, "")
+    return cand if cand.is_file() else None
+
+
+def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
+                artifact: str | None = None) -> Runner:
+    """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device '{device}' (cpu, cuda)")
+    from theseus_deploy.hf import load_classifier, load_config
+
+    if backend.startswith("torch"):
+        return TorchRunner(load_classifier(model), backend, device, threads)
+    path = Path(artifact) if artifact else _manifest_artifact(Path(model), backend)
+    if path is None or not path.is_file():
+        raise UsageError(f"no {backend} artifact for {model}: run `theseus-deploy export --format {backend}` first"
+                         + (f" ({artifact} does not exist)" if artifact else ""))
+    if backend == "trt":
+        from .trt import TrtRunner
+
+        return TrtRunner(path, device=device)
+    vocab = getattr(load_config(model), "vocab_size", 30522) if (Path(model) / "config.json").is_file() else 30522
+    return OrtRunner(path, backend, device, threads, vocab)
+
+
+class TextClassifier:
+    """Tokenizer + runner: classify raw text with any backend."""
+
+    def __init__(self, tokenizer, runner: Runner, id2label: dict, max_length: int = 128):
+        self.tokenizer, self.runner, self.id2label, self.max_length = tokenizer, runner, id2label, max_length
+
+    @classmethod
+    def load(cls, model: str, backend: str = "torch", device: str = "cpu", artifact: str | None = None,
+             max_length: int = 128, threads: int | None = None) -> "TextClassifier":
+        from theseus_deploy.hf import load_config, load_tokenizer
+
+        config = load_config(model)
+        runner = load_runner(model, backend, device, threads, artifact)
+        return cls(load_tokenizer(model), runner, {int(k): v for k, v in config.id2label.items()}, max_length)
+
+    def __call__(self, texts, text_pairs=None) -> list[dict]:
+        if isinstance(texts, str):
+            texts = [texts]
+            text_pairs = [text_pairs] if isinstance(text_pairs, str) else text_pairs
+        enc = self.tokenizer(list(texts), text_pairs, truncation=True, max_length=self.max_length,
+                             padding=True, return_tensors="np")
+        logits = self.runner.logits(self.runner.encode(dict(enc)))
+        if logits.shape[-1] == 1:
+            return [{"label": "score", "score": float(v)} for v in logits[:, 0]]
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        probs = e / e.sum(-1, keepdims=True)
+        return [{"label": self.id2label.get(int(i), str(int(i))), "score": float(p[i])}
+                for p, i in zip(probs, probs.argmax(-1))]

@@ -1,0 +1,103 @@
+"""Validate an artifact against PyTorch: names, then shapes, then values (explicit tolerance).
+
+Shapes differ from the export example (2x16) on purpose, so that dynamic axes are exercised.
+Each failure has its own exception type, and its message names the output, shape and error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Absolute tolerance on logits per format. fp32 is bit-close; fp16 keeps ~3 significant digits
+# through 2L+ matmuls; int8 dynamic quantisation perturbs logits by a few percent of their
+# range, so it is checked relative to the logits' scale and by agreement of the predicted class.
+ATOL = {"onnx": 1e-4, "onnx-fp16": 2e-2, "trt": 2e-2, "onnx-int8": None, "torch-bf16": None}
+REL_INT8 = 0.15           # max |diff| <= REL * max |logit| (+ 1e-3)
+MIN_AGREEMENT = 0.9       # int8 / bf16: share of rows whose argmax matches PyTorch fp32
+VALIDATION_SHAPES = ((1, 16), (3, 37), (8, 128))
+
+
+class ValidationError(Exception):
+    pass
+
+
+class OutputNamesMismatch(ValidationError):
+    pass
+
+
+class InputNamesMismatch(ValidationError):
+    pass
+
+
+class ShapeMismatch(ValidationError):
+    pass
+
+
+class ValuesMismatch(ValidationError):
+    pass
+
+
+@dataclass
+class ShapeResult:
+    shape: tuple
+    max_abs_diff: float
+    tolerance: float
+    argmax_agreement: float
+
+    def as_dict(self):
+        return {"shape": list(self.shape), "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
+                "argmax_agreement": self.argmax_agreement}
+
+
+def shapes_for(max_batch: int, max_seq: int):
+    out = []
+    for b, s in VALIDATION_SHAPES:
+        shape = (min(b, max_batch), min(s, max_seq))
+        if shape not in out:
+            out.append(shape)
+    return out
+
+
+def validate(reference, candidate, fmt: str, shapes, atol: float | None = None) -> list[dict]:
+    """Compare `candidate` runner against `reference` (PyTorch fp32) runner; raise on failure."""
+    if sorted(candidate.input_names) != sorted(reference.input_names):
+        raise InputNamesMismatch(f"{fmt}: inputs {candidate.input_names} != PyTorch's {reference.input_names}")
+    outputs = getattr(candidate, "output_names", ["logits"])
+    if list(outputs) != ["logits"]:
+        raise OutputNamesMismatch(f"{fmt}: outputs {outputs} != ['logits']")
+    results = []
+    for i, (b, s) in enumerate(shapes):
+        feeds = candidate.make_inputs(b, s, seed=100 + i)
+        ref = reference.logits(reference.encode({k: np.asarray(v.cpu()) if hasattr(v, "cpu") else v
+                                                 for k, v in feeds.items()}))
+        got = candidate.logits(feeds)
+        if got.shape != ref.shape:
+            raise ShapeMismatch(f"{fmt}: output 'logits' has shape {tuple(got.shape)} at input {b}x{s}, "
+                                f"PyTorch gives {tuple(ref.shape)}")
+        diff = float(np.abs(got - ref).max())
+        agree = float((got.argmax(-1) == ref.argmax(-1)).mean()) if ref.shape[-1] > 1 else 1.0
+        tol = atol if atol is not None else ATOL.get(fmt)
+        if tol is None:  # scale-relative for quantised / reduced-precision formats
+            tol = REL_INT8 * float(np.abs(ref).max()) + 1e-3
+        results.append(ShapeResult((b, s), diff, tol, agree).as_dict())
+        if not np.isfinite(got).all() or diff > tol:
+            raise ValuesMismatch(f"{fmt}: output 'logits' at input {b}x{s}: max abs diff {diff:.3g} > atol {tol:.3g}")
+        if fmt in ("onnx-int8", "torch-bf16") and agree < MIN_AGREEMENT and atol is None:
+            raise ValuesMismatch(f"{fmt}: output 'logits' at input {b}x{s}: predicted class agrees with "
+                                 f"PyTorch on {agree:.0%} of rows < {MIN_AGREEMENT:.0%}")
+    return results
+
+
+def task_metric(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32) -> dict:
+    """Dev-set metric of any runner (the same loop for PyTorch and every artifact)."""
+    from theseus_deploy.metrics import compute_metrics
+
+    logits = []
+    for i in range(0, len(data.texts), batch_size):
+        chunk = data.texts[i:i + batch_size]
+        a = [t[0] for t in chunk]
+        b = [t[1] for t in chunk] if chunk[0][1] is not None else None
+        enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=True, return_tensors="np")
+        logits.append(runner.logits(runner.encode(dict(enc))))
+    return compute_metrics(data.spec, np.concatenate(logits), data.labels)

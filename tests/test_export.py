@@ -1,0 +1,159 @@
+"""Export: every ONNX format on tiny BERT / RoBERTa / MPNet, fusion, validation, runners, errors."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from export.api import export_model
+from export.runtime import TextClassifier, load_runner
+from export.trt import Profile
+from export.validate import ShapeMismatch, ValuesMismatch, validate
+from theseus_deploy.cli import cli
+from theseus_deploy.errors import UsageError
+
+FORMATS = ["onnx", "onnx-int8", "onnx-fp16"]
+
+
+@pytest.fixture(scope="module")
+def bert_export(tiny_bert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "bert"
+    manifest = export_model(str(tiny_bert), FORMATS + ["torch-bf16"], str(out), max_seq_length=128)
+    return out, manifest
+
+
+def test_bert_all_formats_fused_and_validated(bert_export, tiny_bert):
+    out, manifest = bert_export
+    arts = {a["format"]: a for a in manifest["artifacts"]}
+    assert set(arts) == set(FORMATS + ["torch-bf16"])
+    # tiny BERT has 4 layers: one fused Attention per layer, embeddings and layer norms fused
+    for fmt in ("onnx", "onnx-fp16"):
+        ops = arts[fmt]["fused_ops"]
+        assert ops["Attention"] == 4 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 8
+        assert ops["BiasGelu"] + ops["FastGelu"] + ops["Gelu"] == 4
+    assert arts["onnx-int8"]["quantized_ops"]["QAttention"] + arts["onnx-int8"]["quantized_ops"]["MatMulInteger"] > 0
+    for fmt, a in arts.items():
+        shapes = [tuple(s["shape"]) for s in a["validation"]["shapes"]]
+        assert shapes == [(1, 16), (3, 37), (8, 128)]
+        assert all(s["max_abs_diff"] <= s["tolerance"] for s in a["validation"]["shapes"])
+    assert max(s["max_abs_diff"] for s in arts["onnx"]["validation"]["shapes"]) < 1e-4
+    for fmt in FORMATS:
+        assert (out / arts[fmt]["file"]).stat().st_size == arts[fmt]["bytes"] and len(arts[fmt]["sha256"]) == 64
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["input_names"] == ["input_ids", "attention_mask", "token_type_ids"] and saved["opset"] == 17
+    assert "onnxruntime" in saved["versions"] and (out / "tokenizer.json").is_file()
+
+
+def test_dynamic_axes(bert_export):
+    out, _ = bert_export
+    g = onnx.load(str(out / "model.onnx")).graph
+    for i in g.input:
+        dims = i.type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims] == ["batch", "sequence"]
+    assert [o.name for o in g.output] == ["logits"]
+
+
+@pytest.mark.parametrize("arch", ["roberta", "mpnet"])
+def test_other_architectures(arch, tmp_path, request):
+    src = request.getfixturevalue(f"tiny_{arch}")
+    m = export_model(str(src), FORMATS, str(tmp_path / arch), max_seq_length=128)
+    arts = {a["format"]: a for a in m["artifacts"]}
+    assert m["input_names"] == ["input_ids", "attention_mask"]  # no segment embeddings
+    assert max(s["max_abs_diff"] for s in arts["onnx"]["validation"]["shapes"]) < 1e-4
+    if arch == "roberta":
+        assert arts["onnx"]["fused_ops"]["Attention"] == 4
+    else:  # MPNet's relative position bias keeps attention unfused; layer norms still fuse
+        assert arts["onnx"]["fused_ops"]["SkipLayerNormalization"] > 0
+
+
+def test_runners_agree_with_pytorch(bert_export, tiny_bert):
+    out, _ = bert_export
+    ref = load_runner(str(tiny_bert), "torch")
+    feeds = ref.make_inputs(2, 20, seed=5)
+    want = ref.logits(feeds)
+    for backend in FORMATS:
+        r = load_runner(str(out), backend)
+        got = r.logits(r.make_inputs(2, 20, seed=5))
+        assert got.shape == want.shape and np.abs(got - want).max() < (1e-4 if backend == "onnx" else 5e-3)
+    clf = TextClassifier.load(str(out), backend="onnx-int8")
+    res = clf(["a great movie", "a dull one"])
+    assert len(res) == 2 and {r["label"] for r in res} <= {"LABEL_0", "LABEL_1"} and 0.5 <= res[0]["score"] <= 1
+
+
+def test_validation_catches_a_perturbed_graph(bert_export, tiny_bert, tmp_path):
+    out, _ = bert_export
+    model = onnx.load(str(out / "model.onnx"))
+    init = next(i for i in model.graph.initializer if "classifier" in i.name and len(i.dims) == 2)
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr += 0.5
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    ref = load_runner(str(tiny_bert), "torch")
+    bad = load_runner(str(tiny_bert), "onnx", artifact=str(tmp_path / "bad.onnx"))
+    with pytest.raises(ValuesMismatch, match=r"output 'logits' at input 1x16: max abs diff"):
+        validate(ref, bad, "onnx", [(1, 16)])
+
+    class WrongShape:
+        input_names = ref.input_names
+
+        def make_inputs(self, b, s, seed=0):
+            return ref.make_inputs(b, s, seed)
+
+        def logits(self, feeds):
+            return np.zeros((1, 3), dtype=np.float32)
+
+    with pytest.raises(ShapeMismatch, match="shape"):
+        validate(ref, WrongShape(), "onnx", [(1, 16)])
+
+
+def test_profile_from_flags():
+    p = Profile.from_flags(32, 256)
+    assert p.as_dict() == {"min": [1, 1], "opt": [16, 128], "max": [32, 256]}
+    assert Profile.from_flags(8, 128, 4, 64).opt == (4, 64)
+    with pytest.raises(UsageError, match="opt shape"):
+        Profile.from_flags(8, 128, 16, 64)
+
+
+def test_cli_export_and_bad_input(tiny_bert, tmp_path):
+    ok = CliRunner().invoke(cli, ["export", "--model", str(tiny_bert), "--format", "onnx", "--output", str(tmp_path / "o"),
+                                  "--max-seq-length", "64"])
+    assert ok.exit_code == 0, ok.output
+    assert "model.onnx" in ok.output and (tmp_path / "o" / "model.onnx").is_file()
+    cases = [
+        (["--model", str(tmp_path / "missing"), "--format", "onnx"], "model path does not exist"),
+        (["--model", str(tiny_bert), "--format", "onnx-int4"], "Invalid value for '--format'"),
+        (["--model", str(tiny_bert), "--format", "onnx", "--format", "trt"], "TensorRT"),
+        (["--model", str(tiny_bert), "--format", "onnx", "--opset", "13"], "--opset must be 17"),
+    ]
+    for args, msg in cases:
+        r = CliRunner().invoke(cli, ["export", *args, "--output", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and msg in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+        assert not (tmp_path / "bad").exists()
+
+
+def test_trt_absent_message(tiny_bert, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(UsageError, match=r"needs TensorRT, which is not installed: install the extra with `pip install -e \.\[trt\]`"):
+        export_model(str(tiny_bert), ["trt"], str(tmp_path / "t"))
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_trt_engine_builds_and_matches(tiny_bert, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT not installed")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    m = export_model(str(tiny_bert), ["trt"], str(tmp_path / "t"), max_batch_size=8, max_seq_length=128)
+    art = m["artifacts"][0]
+    assert art["format"] == "trt" and art["profile"]["max"] == [8, 128]
+    assert all(s["max_abs_diff"] <= s["tolerance"] for s in art["validation"]["shapes"])
