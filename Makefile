@@ -4,7 +4,7 @@ VENV ?= .venv
 DATA_DIR ?= $(if $(THESEUS_DATA_DIR),$(THESEUS_DATA_DIR),../shared/data/glue)
 RUNS ?= runs
 
-.PHONY: install test test-gpu demo results bench-smoke clean
+.PHONY: install test test-gpu demo results bench-smoke bench-baseline clean
 
 $(VENV)/.installed: setup.py requirements-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,18 @@ test-gpu: install
 
 demo: install
 	bash scripts/demo.sh
+
+# CI's latency regression gate on tiny models (ratios vs bench/baselines/ci-smoke.json)
+bench-smoke: install
+	PY=$(PY) bash scripts/bench_smoke.sh
+
+# Refresh the committed baseline (on a quiet machine of CI's kind; see docs/bench.md)
+bench-baseline: install
+	PY=$(PY) bash scripts/bench_smoke.sh --update
+
+# docs/results-minilm.md: every number of the MiniLM GLUE results (hours on 2 CPU cores)
+results: install
+	$(PY) scripts/results.py run --tasks $(or $(TASKS),mrpc,rte,stsb,cola,sst2)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

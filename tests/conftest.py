@@ -12,33 +12,7 @@ BERT_TOKENIZER = SHARED / "models" / "bert-base-uncased"
 GLUE_DIR = SHARED / "data" / "glue"
 
 
-def tiny_config(arch: str = "bert", layers: int = 4, num_labels: int = 2):
-    from transformers import BertConfig, MPNetConfig, RobertaConfig
-
-    common = dict(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=514, num_labels=num_labels,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-    )
-    if arch == "bert":
-        return BertConfig(**common)
-    if arch == "roberta":
-        return RobertaConfig(**common, type_vocab_size=1, pad_token_id=0)
-    if arch == "mpnet":
-        return MPNetConfig(**common, pad_token_id=0)
-    raise ValueError(arch)
-
-
-def make_tiny_model(path: Path, arch: str = "bert", layers: int = 4, num_labels: int = 2, seed: int = 0) -> Path:
-    """Save a random tiny `*ForSequenceClassification` plus the BERT tokenizer to `path`."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config(arch, layers, num_labels))
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(BERT_TOKENIZER).save_pretrained(path)
-    return path
+from theseus_deploy.tiny import make_tiny_model, tiny_config  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

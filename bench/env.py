@@ -1,0 +1,60 @@
+"""What the numbers were measured on."""
+from __future__ import annotations
+
+import os
+import platform
+
+
+def environment(threads: int | None = None) -> dict:
+    import importlib.metadata as md
+
+    env = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
+           "logical_cores": os.cpu_count(), "threads": threads,
+           "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}}
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+            env["cuda"] = torch.version.cuda
+            try:
+                import subprocess
+
+                env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                               capture_output=True, text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                pass
+    except ImportError:
+        pass
+    env["cpu_flags"] = [f for f in ("avx512f", "avx512_vnni", "amx_bf16", "amx_int8") if f in _cpu_flags()]
+    versions = {}
+    for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    env["versions"] = versions
+    return env
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _cpu_model() -> str:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _cpu_flags() -> set:
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()

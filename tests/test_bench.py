@@ -1,0 +1,174 @@
+"""Bench: timer, percentiles, interleaving, FLOPs, gate, report files, CLI and bad input."""
+import json
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bench import gate
+from bench.flops import encoder_flops, ideal_speedup
+from bench.sweep import Entry, paired_speedup, run_sweep
+from bench.timing import Latency, percentile, time_calls
+from conftest import BERT_TOKENIZER, make_tiny_model
+from theseus_deploy.cli import cli
+
+
+def test_timer_against_known_sleep():
+    samples = time_calls(lambda: time.sleep(0.02), iterations=5)
+    assert len(samples) == 5
+    assert all(0.019 <= s < 0.2 for s in samples)  # never shorter than the sleep; loose upper bound
+    many = time_calls(lambda: None, iterations=3, min_seconds=0.05)
+    assert len(many) > 3  # min_seconds keeps it going
+
+
+def test_percentiles_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.exponential(size=101).tolist()
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(x, q) == pytest.approx(np.percentile(x, q))
+    lat = Latency.from_samples([1.0, 2.0, 3.0, 4.0])
+    assert (lat.mean, lat.p50, lat.min, lat.n) == (2.5, 2.5, 1.0, 4)
+    assert lat.std == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
+
+
+class FakeRunner:
+    """Sleeps `delay` seconds per call and logs the order of calls."""
+
+    def __init__(self, name, delay, log):
+        self.name, self.delay, self.log = name, delay, log
+        self.input_names = ["input_ids"]
+
+    def make_inputs(self, b, s, seed=0):
+        return None
+
+    def __call__(self, feeds):
+        self.log.append(self.name)
+        time.sleep(self.delay)
+
+    def synchronize(self):
+        pass
+
+
+class Cfg:
+    hidden_size, intermediate_size, num_labels = 32, 64, 2
+
+    def __init__(self, layers):
+        self.num_hidden_layers = layers
+
+
+def test_interleaving_order_and_paired_speedup():
+    log = []
+    a = Entry("A", "predecessor", "torch", FakeRunner("A", 0.004, log), Cfg(4))
+    b = Entry("B", "successor", "torch", FakeRunner("B", 0.002, log), Cfg(2))
+    cells = run_sweep([a, b], [(1, 8)], warmup=1, iterations=4, rounds=4)
+    timed = log[2:]  # after one warm-up call each
+    chunks = [timed[i:i + 1] for i in range(0, len(timed), 1)]
+    assert [c[0] for c in chunks] == ["A", "B", "B", "A", "A", "B", "B", "A"]  # A B, then B A, ...
+    sp = paired_speedup(a, b, (1, 8))
+    assert sp["rounds"] == 4 and 1.3 < sp["median"] < 3.0
+    assert {c["model"] for c in cells} == {"A", "B"} and cells[0]["latency_s"]["n"] == 4
+
+
+def test_flops_depth_ratio():
+    from transformers import BertConfig
+
+    base = BertConfig()  # BERT-base: 12 x 768
+    half = BertConfig(num_hidden_layers=6)
+    assert 1.95 < ideal_speedup(base, half, 8, 128) < 2.0   # the head is not halved
+    # one BERT-base layer at s=128: ~2*128*(4*768^2 + 2*768*3072) + 4*128^2*768 FLOPs
+    per_layer = 2 * 128 * (4 * 768 ** 2 + 2 * 768 * 3072) + 4 * 128 ** 2 * 768
+    assert encoder_flops(base, 1, 128) == pytest.approx(12 * per_layer, rel=0.01)
+
+
+def _results(depth, backend):
+    return {"config": {"batch_sizes": [1], "seq_lens": [32], "backends": ["torch", "onnx"], "device": "cpu"},
+            "speedups": [{"role": "successor", "backend": "torch", "batch_size": 1, "seq_len": 32,
+                          "vs_predecessor_same_backend": {"median": depth}},
+                         {"role": "successor", "backend": "onnx", "batch_size": 1, "seq_len": 32,
+                          "vs_same_model_torch_fp32": {"median": backend}}]}
+
+
+def test_gate_passes_equal_and_fails_worse(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(gate.baseline_from(_results(1.9, 3.0))))
+    assert gate.check(_results(1.9, 3.0), str(base), 0.1) == []
+    assert gate.check(_results(1.8, 3.0), str(base), 0.1) == []      # within 10%
+    fails = gate.check(_results(1.5, 3.0), str(base), 0.1)
+    assert len(fails) == 1 and fails[0].startswith("depth successor/torch b1/s32: 1.50x < baseline 1.90x")
+    fails = gate.check(_results(1.9, 1.0), str(base), 0.1)
+    assert len(fails) == 1 and "backend successor/onnx vs torch b1/s32" in fails[0]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    return make_tiny_model(d / "pred", "bert", 4), make_tiny_model(d / "succ", "bert", 2)
+
+
+def test_cli_end_to_end_reports_and_gate(pair, tmp_path, glue_dir):
+    pred, succ = pair
+    out = tmp_path / "b"
+    args = ["bench", "--model", str(pred), "--model", str(succ), "--backend", "torch", "--backend", "onnx",
+            "--batch-sizes", "1,2", "--seq-lens", "16,32", "--iterations", "4", "--rounds", "2", "--min-seconds", "0",
+            "--warmup", "1", "--task", "sst2", "--max-eval-samples", "16", "--traffic-batch-size", "8",
+            "--update-baseline", str(tmp_path / "base.json")]
+    r = CliRunner().invoke(cli, [*args, "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    for f in ("results.json", "results.csv", "report.md", "config.json", "latency_vs_seq.png",
+              "speedup_succ-L2_torch.png", "speedup_succ-L2_onnx.png"):
+        assert (out / f).is_file(), f
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["cells"]) == 2 * 2 * 2 * 2
+    cell = res["cells"][0]
+    assert set(cell["latency_s"]) == {"n", "mean", "std", "min", "p50", "p90", "p99"} and cell["latency_s"]["n"] >= 4
+    assert {t["padding"] for t in res["traffic"]} == {"fixed-128", "dynamic-sorted"}
+    assert "## Speedup vs predecessor, same backend" in (out / "report.md").read_text()
+    assert len(out.joinpath("results.csv").read_text().splitlines()) == 1 + 16
+    # the gate: an impossible baseline (100x) must fail and name the cell; the run's own ratios pass
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert "depth successor/torch b1/s16" in base["ratios"]
+    worse = {"ratios": {k: 100.0 for k in base["ratios"]}}
+    (tmp_path / "impossible.json").write_text(json.dumps(worse))
+    r2 = CliRunner().invoke(cli, [*args[:-2], "--output", str(tmp_path / "b2"), "--check", str(tmp_path / "impossible.json")])
+    assert r2.exit_code == 1 and "regressed: depth successor/torch b1/s16" in r2.output
+    assert (tmp_path / "b2" / "results.json").is_file()  # results kept for inspection
+
+
+def test_random_init_from_config_folder(tmp_path):
+    import shutil
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    from conftest import tiny_config
+
+    tiny_config("bert", 4).save_pretrained(cfg)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(BERT_TOKENIZER / f, cfg / f)
+    r = CliRunner().invoke(cli, ["bench", "--model", str(cfg), "--model", str(cfg), "--layers", "4", "--layers", "2",
+                                 "--batch-sizes", "1", "--seq-lens", "16", "--iterations", "2", "--rounds", "1",
+                                 "--min-seconds", "0", "--output", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [m["tag"] for m in res["models"]] == ["cfg-L4", "cfg-L2"] and all(m["random_init"] for m in res["models"])
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--model", "./missing-model"], "model path does not exist"),
+    (["--model", "{pred}", "--backend", "tensorflow"], "Invalid value for '--backend'"),
+    (["--model", "{pred}", "--backend", "trt"], "TensorRT"),
+    (["--model", "{pred}", "--device", "cuda"], "CUDA"),
+    (["--model", "{pred}", "--backend", "torch-fp16"], "torch-fp16 needs --device cuda"),
+    (["--model", "{pred}", "--batch-sizes", "1,x"], "--batch-sizes takes comma-separated integers"),
+    (["--model", "{pred}", "--check", "nope.json"], "baseline not found"),
+    (["--model", "{pred}", "--model", "{pred}", "--layers", "1", "--layers", "2", "--layers", "3"], "--layers"),
+])
+def test_bad_input(args, msg, pair, tmp_path):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    argv = [a.format(pred=pair[0]) for a in args]
+    r = CliRunner().invoke(cli, ["bench", *argv, "--output", str(tmp_path / "o")])
+    assert r.exit_code == 2 and msg in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
