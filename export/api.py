@@ -47,7 +47,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                  max_seq_length: int = 512, opt_batch_size: int | None = None, opt_seq_length: int | None = None,
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, max_task_drop: float = 0.01) -> dict:
     from theseus_deploy.hf import check_model_source, load_config
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -81,7 +81,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
     from .onnx import export_onnx, fuse
     from .ort import quantize_int8
     from .runtime import OrtRunner, TorchRunner
-    from .validate import shapes_for, task_metric
+    from .validate import check_task_drop, shapes_for, task_metric
     from .validate import validate as check
 
     todo = []
@@ -129,7 +129,9 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                 entry["validation"] = {"shapes": check(reference, runner, fmt, shapes_for(*profile.max), atol)}
                 if data is not None:
                     m = task_metric(runner, tokenizer, data, max_seq_length=min(128, profile.max[1]))
-                    entry["validation"]["task"] = {**m, "delta_vs_pytorch": m["score"] - manifest["task"]["pytorch"]["score"]}
+                    ref_score = manifest["task"]["pytorch"]["score"]
+                    entry["validation"]["task"] = {**m, "delta_vs_pytorch": m["score"] - ref_score}
+                    check_task_drop(fmt, m["score"], ref_score, max_task_drop)
             if entry["file"]:
                 p = tmp / entry["file"]
                 entry["bytes"], entry["sha256"] = p.stat().st_size, _sha256(p)

@@ -14,10 +14,12 @@ import click
 @click.option("--opt-batch-size", default=None, type=int, help="TensorRT profile opt batch (default: max/2).")
 @click.option("--opt-seq-length", default=None, type=int, help="TensorRT profile opt sequence length (default: max/2).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Check every artifact against PyTorch.")
-@click.option("--atol", default=None, type=float, help="Absolute tolerance on logits (default per format: fp32 1e-4, fp16 2e-2, int8/bf16 scale-relative).")
+@click.option("--atol", default=None, type=float, help="Absolute tolerance on logits (default per format: fp32 1e-4, fp16 2e-2, int8/bf16 50% of the largest logit).")
 @click.option("--task", default=None, help="Also score each artifact on this task's dev set next to PyTorch.")
 @click.option("--data-dir", default=None, help="Local glue_data folder for --task.")
 @click.option("--max-eval-samples", default=None, type=int, help="Score only the first N dev examples.")
+@click.option("--max-task-drop", default=0.01, show_default=True, type=float,
+              help="With --task: fail if an artifact's dev score is more than this below PyTorch's (0.01 = 1 point).")
 @click.option("--threads", default=None, type=int, help="CPU threads for validation runs.")
 @click.option("--overwrite/--no-overwrite", default=False, help="Replace a non-empty output folder.")
 def export(model, formats, output, **kwargs):

@@ -157,3 +157,16 @@ def test_trt_engine_builds_and_matches(tiny_bert, tmp_path):
     art = m["artifacts"][0]
     assert art["format"] == "trt" and art["profile"]["max"] == [8, 128]
     assert all(s["max_abs_diff"] <= s["tolerance"] for s in art["validation"]["shapes"])
+
+
+def test_task_level_check(tiny_bert, tmp_path, glue_dir):
+    from export.validate import TaskMetricDrop, check_task_drop
+
+    check_task_drop("onnx-int8", 0.905, 0.91)  # half a point: allowed
+    with pytest.raises(TaskMetricDrop, match=r"onnx-int8: dev score 0.8900 is 0.0200 below PyTorch's 0.9100"):
+        check_task_drop("onnx-int8", 0.89, 0.91)
+    m = export_model(str(tiny_bert), ["onnx-int8"], str(tmp_path / "t"), max_seq_length=64, task="sst2",
+                     data_dir=str(glue_dir), max_eval_samples=64)
+    assert m["task"]["pytorch"]["score"] > 0 and "delta_vs_pytorch" in m["artifacts"][0]["validation"]["task"]
+    assert [a["format"] for a in m["artifacts"]] == ["onnx-int8"]  # the fp32 graph it was built from is not kept
+    assert not (tmp_path / "t" / "model.onnx").exists()
