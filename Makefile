@@ -31,7 +31,7 @@ bench-smoke: install
 bench-baseline: install
 	PY=$(PY) bash scripts/bench_smoke.sh --update
 
-# docs/results-minilm.md: every number of the MiniLM GLUE results (hours on 2 CPU cores)
+# docs/results.md: every number of the MiniLM GLUE results (hours on 2 CPU cores)
 results: install
 	$(PY) scripts/results.py run --tasks $(or $(TASKS),mrpc,rte,stsb,cola,sst2)
 

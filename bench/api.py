@@ -8,7 +8,10 @@ from pathlib import Path
 
 from theseus_deploy.errors import UsageError
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "trt")
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
+EXPORT_FORMAT = {"onnx-trt-ep": "onnx-fp16"}  # the artifact a backend runs, when its name differs
+# Models whose position ids start after the padding index (max_position_embeddings includes the offset)
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -73,9 +76,21 @@ def check_backends(backends, device: str):
 
         check_trt_available()
         if device != "cuda":
-            raise UsageError("backend trt needs --device cuda")
+            raise UsageError("backend trt (a TensorRT engine) needs --device cuda")
     if "torch-fp16" in backends and device != "cuda":
         raise UsageError("backend torch-fp16 needs --device cuda (on CPU use torch-bf16)")
+    if "onnx-trt-ep" in backends and device != "cuda":
+        raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
+    ort_backends = [b for b in backends if b.startswith("onnx")]
+    if ort_backends and device == "cuda":  # say it now, not after every model was exported
+        import onnxruntime as ort
+
+        have = ort.get_available_providers()
+        for b in ort_backends:
+            need = "TensorrtExecutionProvider" if b == "onnx-trt-ep" else "CUDAExecutionProvider"
+            if need not in have:
+                raise UsageError(f"backend {b} on --device cuda needs ONNX Runtime's {need} (pip install -e .[gpu], "
+                                 f"and uninstall the CPU-only onnxruntime package); available: {', '.join(have)}")
 
 
 def run_bench(models, output: str, layers=(), backends=("torch",), device: str = "cpu", batch_sizes="1,8,32",
@@ -83,6 +98,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
               threads: int | None = None, check: str | None = None, tolerance: float = 0.1, task: str | None = None,
               data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
               traffic_max_length: int = 128, traffic_rounds: int = 1, update_baseline: str | None = None,
+              train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
+              label_column: str | None = None,
               overwrite: bool = False, show_progress: bool = True) -> dict:
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -100,7 +117,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     if task:
         from theseus_deploy.data import load_task
 
-        data = load_task(task, data_dir, "dev", max_eval_samples)
+        data = load_task(task, data_dir, "dev", max_eval_samples, train_file, validation_file, text_columns, label_column)
 
     import torch
     from tqdm.auto import tqdm
@@ -121,11 +138,14 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
         specs = resolve_models(list(models), list(layers), work)
         max_seq = max(ss + ([traffic_max_length] if data else []))
         for sp in specs:
-            cfg_max = getattr(sp["config"], "max_position_embeddings", 512)
-            if max_seq > cfg_max - 2:
-                raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max - 2})")
+            cfg = sp["config"]
+            cfg_max = getattr(cfg, "max_position_embeddings", 512)
+            if cfg.model_type in POSITION_OFFSET_TYPES:
+                cfg_max -= (cfg.pad_token_id or 0) + 1
+            if max_seq > cfg_max:
+                raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max})")
         entries = []
-        onnx_formats = [b for b in backends if b.startswith("onnx") or b == "trt"]
+        onnx_formats = list(dict.fromkeys(EXPORT_FORMAT.get(b, b) for b in backends if b.startswith("onnx") or b == "trt"))
         for sp in specs:
             art_dir = None
             if onnx_formats:

@@ -8,8 +8,9 @@ import click
                    "A config-only folder (e.g. ../shared/models/bert-base-uncased) gets random weights.")
 @click.option("--layers", multiple=True, type=int, help="Random-init depth for the models (one value, or one per --model).")
 @click.option("--backend", "backends", multiple=True,
-              type=click.Choice(["torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "trt"]),
-              help="Backend(s) to time; repeat for several. Default: torch.")
+              type=click.Choice(["torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt"]),
+              help="Backend(s) to time; repeat for several. Default: torch. onnx-trt-ep: the fp16 graph on ONNX "
+                   "Runtime's TensorRT execution provider; trt: a TensorRT engine (both --device cuda).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--seq-lens", default="32,128,384", show_default=True, help="Comma-separated sequence lengths.")
@@ -24,7 +25,10 @@ import click
 @click.option("--update-baseline", default=None, help="Write this run's ratios as a baseline JSON here.")
 @click.option("--task", default=None, help="Real traffic: time the whole dev set of this task.")
 @click.option("--data-dir", default=None, help="Local glue_data folder for --task.")
-@click.option("--train-file", default=None, hidden=True)
+@click.option("--train-file", default=None, help="--task custom: training file (defines the label set).")
+@click.option("--validation-file", default=None, help="--task custom: the file whose texts are timed.")
+@click.option("--text-columns", default=None, help="--task custom: text column(s), a[,b].")
+@click.option("--label-column", default=None, help="--task custom: label column.")
 @click.option("--max-eval-samples", default=None, type=int, help="Real traffic: only the first N dev examples.")
 @click.option("--traffic-batch-size", default=32, show_default=True, type=int)
 @click.option("--traffic-max-length", default=128, show_default=True, type=int, help="Fixed-padding length (and truncation).")
@@ -32,7 +36,6 @@ import click
 @click.option("--overwrite/--no-overwrite", default=False)
 def bench(models, output, check, **kwargs):
     """Latency / throughput sweep over batch x sequence, every backend, predecessor vs successor."""
-    kwargs.pop("train_file")
     from bench.api import run_bench
 
     results = run_bench(models, output, check=check, **kwargs)

@@ -122,7 +122,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             elif fmt == "trt":
                 from .trt import TrtRunner
 
-                runner = TrtRunner(tmp / FILES[fmt])
+                runner = TrtRunner(tmp / FILES[fmt], vocab_size=config.vocab_size)
             else:
                 runner = OrtRunner(tmp / FILES[fmt], fmt, "cpu", threads, config.vocab_size)
             if validate:

@@ -17,14 +17,22 @@ import numpy as np
 
 from theseus_deploy.errors import UsageError
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "trt")
-ARTIFACT = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx", "trt": "model-fp16.plan"}
+BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
+ARTIFACT = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx",
+            "onnx-trt-ep": "model-fp16.onnx", "trt": "model-fp16.plan"}
 
 
-def _random_ids(batch_size: int, seq_len: int, vocab_size: int, names, seed: int = 0) -> dict:
+def _random_ids(batch_size: int, seq_len: int, vocab_size: int, names, seed: int = 0, padded: bool = False) -> dict:
+    """Random token ids; `padded`: rows 1.. get random lengths, zero ids and mask beyond them
+    (a right-padded batch, as a tokenizer makes it), so the mask handling is exercised too."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1000 if vocab_size > 2000 else 5, vocab_size - 1, size=(batch_size, seq_len), dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    mask = np.ones_like(ids)
+    if padded:
+        for row in range(1, batch_size):
+            length = int(rng.integers(max(1, seq_len // 3), seq_len + 1))
+            ids[row, length:], mask[row, length:] = 0, 0
+    feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     return {n: feeds[n] for n in names}
 
 
@@ -104,10 +112,16 @@ class OrtRunner(Runner):
             opts.inter_op_num_threads = 1
         if device == "cuda":
             have = ort.get_available_providers()
-            if "CUDAExecutionProvider" not in have:
-                raise UsageError(f"backend {backend} on --device cuda needs onnxruntime-gpu "
-                                 f"(pip install -e .[gpu]); available providers: {', '.join(have)}")
+            need = "TensorrtExecutionProvider" if backend == "onnx-trt-ep" else "CUDAExecutionProvider"
+            if need not in have:
+                raise UsageError(f"backend {backend} on --device cuda needs ONNX Runtime's {need} "
+                                 f"(pip install -e .[gpu]{'[trt]' if 'Tensorrt' in need else ''}, and uninstall the CPU-only "
+                                 f"onnxruntime package); available providers: {', '.join(have)}")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if backend == "onnx-trt-ep":  # TensorRT runs what it can, the rest falls back to CUDA
+                providers.insert(0, ("TensorrtExecutionProvider", {"trt_fp16_enable": True}))
+        elif backend == "onnx-trt-ep":
+            raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
@@ -117,13 +131,26 @@ class OrtRunner(Runner):
         self.path = Path(path)
 
     def encode(self, encoded: dict):
-        return {n: np.ascontiguousarray(np.asarray(encoded[n], dtype=np.int64)) for n in self.input_names}
+        feeds = {n: np.ascontiguousarray(np.asarray(encoded[n], dtype=np.int64)) for n in self.input_names}
+        if self.device == "cuda":  # device-resident inputs, like torch's: no host copies in the timed call
+            import onnxruntime as ort
+
+            return {n: ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for n, a in feeds.items()}
+        return feeds
 
     def __call__(self, feeds):
+        if self.device == "cuda":
+            binding = self.session.io_binding()
+            for n, v in feeds.items():
+                binding.bind_ortvalue_input(n, v)
+            binding.bind_output("logits", "cuda")  # output stays on the GPU
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0]
         return self.session.run(["logits"], feeds)[0]
 
     def logits(self, feeds) -> np.ndarray:
-        return np.asarray(self(feeds), dtype=np.float32)
+        out = self(feeds)
+        return np.asarray(out.numpy() if self.device == "cuda" else out, dtype=np.float32)
 
 
 def _manifest_artifact(folder: Path, backend: str) -> Path | None:

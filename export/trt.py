@@ -7,6 +7,7 @@ builder flag. One optimisation profile covers min / opt / max (batch, sequence) 
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class TrtRunner:
 
     backend = "trt"
 
-    def __init__(self, engine_path: Path, device: str = "cuda"):
+    def __init__(self, engine_path: Path, device: str = "cuda", vocab_size: int | None = None):
         check_trt_available()
         if device != "cuda":
             raise UsageError("backend trt runs on --device cuda only")
@@ -108,8 +109,11 @@ class TrtRunner:
         self.input_names = [n for n in names if is_input(n)]
         self.output_name = next(n for n in names if not is_input(n))
         self.num_labels = self.engine.get_tensor_shape(self.output_name)[-1]
-        self.vocab_size = 30522
-        self.stream = torch.cuda.Stream()
+        self.out_dtype = torch.float16 if self.engine.get_tensor_dtype(self.output_name) == trt.DataType.HALF else torch.float32
+        if vocab_size is None:  # random validation/bench ids must stay inside the model's vocabulary
+            cfg = Path(engine_path).parent / "config.json"
+            vocab_size = json.loads(cfg.read_text()).get("vocab_size", 30522) if cfg.is_file() else 30522
+        self.vocab_size = vocab_size
 
     def make_inputs(self, batch_size, seq_len, seed=0):
         from .runtime import _random_ids
@@ -124,18 +128,19 @@ class TrtRunner:
 
     def __call__(self, feeds):
         batch = next(iter(feeds.values())).shape[0]
-        out = self.torch.empty((batch, self.num_labels), dtype=self.torch.float32, device="cuda")
+        out = self.torch.empty((batch, self.num_labels), dtype=self.out_dtype, device="cuda")
         for n in self.input_names:
             self.context.set_input_shape(n, tuple(feeds[n].shape))
             self.context.set_tensor_address(n, feeds[n].data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
-        self.context.execute_async_v3(self.stream.cuda_stream)
+        # Enqueue on torch's current stream: the inputs were written there, the caller reads `out`
+        # there, and CUDA events recorded there (bench timing) bracket the engine's work.
+        self.context.execute_async_v3(self.torch.cuda.current_stream().cuda_stream)
         return out
 
     def logits(self, feeds):
         out = self(feeds)
-        self.stream.synchronize()
-        return out.float().cpu().numpy()
+        return out.float().cpu().numpy()  # .cpu() waits for the current stream
 
     def synchronize(self):
-        self.stream.synchronize()
+        self.torch.cuda.current_stream().synchronize()

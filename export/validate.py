@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .runtime import _random_ids
+
 # Absolute tolerance on logits per format. fp32 is bit-close; fp16 keeps ~3 significant digits
 # through 2L+ matmuls. INT8 (dynamic) and bf16 perturb logits far more on random token ids
 # (out-of-distribution inputs, measured up to ~35% of the largest logit on a real MiniLM), so
@@ -70,10 +72,10 @@ def validate(reference, candidate, fmt: str, shapes, atol: float | None = None) 
         raise OutputNamesMismatch(f"{fmt}: outputs {outputs} != ['logits']")
     results = []
     for i, (b, s) in enumerate(shapes):
-        feeds = candidate.make_inputs(b, s, seed=100 + i)
-        ref = reference.logits(reference.encode({k: np.asarray(v.cpu()) if hasattr(v, "cpu") else v
-                                                 for k, v in feeds.items()}))
-        got = candidate.logits(feeds)
+        # Rows 1.. of a batch are right-padded to random lengths: the attention mask must work too.
+        raw = _random_ids(b, s, candidate.vocab_size, candidate.input_names, seed=100 + i, padded=b > 1)
+        ref = reference.logits(reference.encode(raw))
+        got = candidate.logits(candidate.encode(raw))
         if got.shape != ref.shape:
             raise ShapeMismatch(f"{fmt}: output 'logits' has shape {tuple(got.shape)} at input {b}x{s}, "
                                 f"PyTorch gives {tuple(ref.shape)}")

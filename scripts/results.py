@@ -2,6 +2,7 @@
 """Reproduce docs/results.md: predecessor, BERT-of-Theseus successor and baselines per GLUE task.
 
     python scripts/results.py run --tasks mrpc,rte --model ~/.cache/theseus-models/all-MiniLM-L6-v2
+    python scripts/results.py bench --tasks mrpc  # speed of that task's predecessor vs Theseus successor
     python scripts/results.py report            # rewrites docs/results.md from runs/results/*/summary.json
 
 Per task and seed, in runs/results/<task>/seed<seed>/:
@@ -35,6 +36,9 @@ BUDGET = {  # task: (max_seq_length, finetune steps, compress steps, batch size)
     "rte": (128, 240, 780, 32),     # 3 / 10 epochs
 }
 METHODS = ("theseus", "constant", "truncation")
+# Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
+BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
+              "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "5", "--min-seconds", "0.5"]
 
 
 def sh(args, log):
@@ -80,6 +84,37 @@ def run_task(task, model, root, seed, successor_layers, data_dir):
     return summary
 
 
+def run_bench(task, root, seed):
+    out = root / task / f"seed{seed}"
+    if not (out / "theseus" / "config.json").is_file():
+        raise SystemExit(f"error: no finished runs for {task} seed {seed} in {root}: run them first")
+    args = [*TD, "bench", "--model", out / "predecessor", "--model", out / "theseus", *BENCH_ARGS,
+            "--output", root / "bench", "--overwrite"]
+    sh(args, root / "bench.log")
+
+
+def bench_lines(root: Path) -> list[str]:
+    f = root / "bench" / "results.json"
+    if not f.is_file():
+        return ["", "## Speed", "", "Not measured yet: `python scripts/results.py bench`."]
+    r = json.loads(f.read_text())
+    env = r["environment"]
+    lines = ["", "## Speed of the 3-layer successor (`python scripts/results.py bench`)", "",
+             f"{env.get('cpu')}, {env.get('torch_threads')} threads; random-id inputs at the shapes below; median of "
+             f"{r['config']['rounds']} interleaved paired ratios [min-max]. Speed depends on shapes, not on the task's "
+             f"weights (models: `{r['models'][0]['source']}` vs `{r['models'][1]['source']}`).", "",
+             "| backend | batch | seq | successor vs predecessor, same backend | ideal (FLOPs) | successor vs predecessor PyTorch fp32 |",
+             "|---|---|---|---|---|---|"]
+    for s in r["speedups"]:
+        if "vs_predecessor_same_backend" not in s:
+            continue
+        a, b = s["vs_predecessor_same_backend"], s.get("vs_predecessor_torch_fp32", {})
+        dep = f"{b['median']:.2f}x [{b['min']:.2f}-{b['max']:.2f}]" if b else "-"
+        lines.append(f"| {s['backend']} | {s['batch_size']} | {s['seq_len']} | {a['median']:.2f}x [{a['min']:.2f}-{a['max']:.2f}] "
+                     f"| {s['ideal_speedup']:.2f}x | {dep} |")
+    return lines
+
+
 def report(root: Path, doc: Path):
     rows = {}
     for f in sorted(root.glob("*/seed*/summary.json")):
@@ -108,6 +143,7 @@ def report(root: Path, doc: Path):
         lines.append(f"| **macro avg** | | {avg['predecessor']:.1f} | {avg['theseus']:.1f} | "
                      f"{100 * avg['theseus'] / avg['predecessor']:.1f}% | {avg['truncation']:.1f} | {avg['constant']:.1f} | "
                      f"{wins}/{len(rows)} |")
+    lines += bench_lines(root)
     lines += ["", "## Budgets and commands", ""]
     for task, runs in sorted(rows.items()):
         r = runs[0]
@@ -121,20 +157,22 @@ def report(root: Path, doc: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "report"])
+    ap.add_argument("what", choices=["run", "bench", "report"])
     ap.add_argument("--tasks", default="mrpc,rte,stsb,cola,sst2")
     ap.add_argument("--model", default=os.path.expanduser("~/.cache/theseus-models/all-MiniLM-L6-v2"))
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--successor-layers", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--root", default=str(REPO / "runs" / "results"))
-    ap.add_argument("--doc", default=str(REPO / "docs" / "results-minilm.md"))
+    ap.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
     a = ap.parse_args()
     root = Path(a.root)
     if a.what == "run":
         for task in a.tasks.split(","):
             for seed in a.seeds.split(","):
                 run_task(task, a.model, root, int(seed), a.successor_layers, a.data_dir)
+    if a.what == "bench":
+        run_bench(a.tasks.split(",")[0], root, a.seeds.split(",")[0])
     report(root, Path(a.doc))
 
 

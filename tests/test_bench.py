@@ -159,6 +159,8 @@ def test_random_init_from_config_folder(tmp_path):
     (["--model", "{pred}", "--backend", "trt"], "TensorRT"),
     (["--model", "{pred}", "--device", "cuda"], "CUDA"),
     (["--model", "{pred}", "--backend", "torch-fp16"], "torch-fp16 needs --device cuda"),
+    (["--model", "{pred}", "--backend", "onnx-trt-ep"], "onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda"),
+    (["--model", "{pred}", "--seq-lens", "600"], "--seq-lens 600 exceeds what"),
     (["--model", "{pred}", "--batch-sizes", "1,x"], "--batch-sizes takes comma-separated integers"),
     (["--model", "{pred}", "--check", "nope.json"], "baseline not found"),
     (["--model", "{pred}", "--model", "{pred}", "--layers", "1", "--layers", "2", "--layers", "3"], "--layers"),
@@ -172,3 +174,17 @@ def test_bad_input(args, msg, pair, tmp_path):
     r = CliRunner().invoke(cli, ["bench", *argv, "--output", str(tmp_path / "o")])
     assert r.exit_code == 2 and msg in r.output, r.output
     assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+def test_real_traffic_on_custom_files(pair, tmp_path):
+    pred, succ = pair
+    rows = ["text,label"] + [f"{'good ' * (i % 7 + 1)}movie,{i % 2}" for i in range(20)]
+    (tmp_path / "dev.csv").write_text("\n".join(rows) + "\n")
+    r = CliRunner().invoke(cli, ["bench", "--model", str(pred), "--model", str(succ), "--batch-sizes", "1",
+                                 "--seq-lens", "16", "--iterations", "2", "--rounds", "1", "--min-seconds", "0",
+                                 "--task", "custom", "--train-file", str(tmp_path / "dev.csv"),
+                                 "--validation-file", str(tmp_path / "dev.csv"), "--text-columns", "text",
+                                 "--label-column", "label", "--traffic-batch-size", "4", "--output", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert {t["num_sentences"] for t in res["traffic"]} == {20}

@@ -154,3 +154,59 @@ def test_hub_failure_is_one_line(monkeypatch):
     with pytest.raises(UsageError, match=r"could not load GLUE/rte from the hub \(ConnectionError: no network\); pass --data-dir") as e:
         load_task("rte")
     assert "\n" not in str(e.value)
+
+
+# Official glue_data headers of the tasks not in ../shared (rows made up, layouts as distributed)
+OFFICIAL = {
+    ("QQP", "dev.tsv"): ["id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+                         "1\t11\t12\tHow do I learn Python?\tWhat is the best way to learn Python?\t1",
+                         "2\t13\t14\tWhy is the sky blue?\tHow tall is Everest?\t0"],
+    ("MNLI", "dev_matched.tsv"): [
+        "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+        "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
+        "0\t1\t1n\tslate\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tThe cat sat.\tA cat sat.\tneutral\tneutral\tneutral\tneutral\tneutral\tneutral",
+        "1\t2\t2e\tslate\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tIt rains.\tWater falls.\tentailment\tentailment\tentailment\tentailment\tentailment\tentailment"],
+    ("MNLI", "dev_mismatched.tsv"): [
+        "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+        "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
+        "0\t1\t1c\tletters\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tIt is day.\tIt is night.\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction"],
+    ("QNLI", "dev.tsv"): ["index\tquestion\tsentence\tlabel",
+                          "0\tWhat is red?\tA rose is red.\tentailment",
+                          "1\tWho won?\tIt rained all day.\tnot_entailment"],
+    ("WNLI", "dev.tsv"): ["index\tsentence1\tsentence2\tlabel",
+                          "0\tThe trophy did not fit because it was big.\tThe trophy was big.\t1"],
+}
+
+
+def test_local_tsv_layouts_of_the_other_glue_tasks(tmp_path):
+    for (folder, name), lines in OFFICIAL.items():
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text("\n".join(lines) + "\n")
+    qqp = load_task("qqp", str(tmp_path), "dev")
+    assert qqp.texts[0] == ("How do I learn Python?", "What is the best way to learn Python?")
+    assert qqp.labels.tolist() == [1, 0]
+    mnli = load_task("mnli", str(tmp_path), "dev")
+    assert mnli.texts[1] == ("It rains.", "Water falls.") and mnli.labels.tolist() == [1, 0]  # neutral=1, entailment=0
+    mm = load_task("mnli", str(tmp_path), "dev_mismatched")
+    assert mm.labels.tolist() == [2] and mm.source.endswith("dev_mismatched.tsv")
+    qnli = load_task("qnli", str(tmp_path), "dev")
+    assert qnli.texts[0] == ("What is red?", "A rose is red.") and qnli.labels.tolist() == [0, 1]
+    wnli = load_task("wnli", str(tmp_path), "dev")
+    assert wnli.labels.tolist() == [1] and len(wnli) == 1
+
+
+def test_empty_glue_file_and_ragged_jsonl(tmp_path):
+    (tmp_path / "SST-2").mkdir()
+    (tmp_path / "SST-2" / "dev.tsv").write_text("")
+    with pytest.raises(UsageError, match="no examples in .*dev.tsv"):
+        load_task("sst2", str(tmp_path), "dev")
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"text": "good", "y": 1}\n{"text": "bad"}\n')
+    with pytest.raises(UsageError, match="record 2 has no value for column"):
+        load_task("custom", split="train", train_file=str(f), text_columns="text", label_column="y")
+
+
+def test_label_names_match_case_insensitively():
+    sst2 = get_spec("sst2")
+    assert label_mapping(sst2, _Cfg(2, {"NEGATIVE": 0, "POSITIVE": 1})) is None
+    assert label_mapping(sst2, _Cfg(2, {"POSITIVE": 0, "NEGATIVE": 1})).tolist() == [1, 0]

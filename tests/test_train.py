@@ -151,6 +151,8 @@ BAD = [
       "{tmp}/empty.csv", "--text-columns", "text", "--label-column", "label"], "no examples"),
     (["finetune", "--model", "{pred}", "{toy}", "--text-columns", "txt", "--output", "{out}"], "column 'txt' not in"),
     (["compress", "--model", "{pred}", "{toy}", "--output", "{out}", "--resume"], "no checkpoint"),
+    (["compress", "--model", "{pred}", "{toy}", "--output", "{out}", "--log-steps", "0"], "--log-steps must be at least 1"),
+    (["finetune", "--model", "{pred}", "{toy}", "--output", "{out}", "--eval-steps", "0"], "--eval-steps must be at least 1"),
 ]
 
 
@@ -198,3 +200,28 @@ def test_truncation_baseline(predecessor, toy, tmp_path):
                                    "--output", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--keep-layers must be between 1 and" in bad.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_failed_run_creates_no_parent_folders(predecessor, toy, tmp_path):
+    r = CliRunner().invoke(cli, ["compress", "--model", str(predecessor), *toy, "--successor-layers", "9",
+                                 "--output", str(tmp_path / "new" / "deeper" / "out")])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists()
+
+
+def test_resume_refuses_a_different_run(predecessor, toy, tmp_path):
+    part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o"))
+    part.interrupt_at = 2
+    part.setup().train()
+    from theseus_deploy.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"--resume with settings that differ .*--max-steps 8 -> 10"):
+        CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", resume=True, max_steps=10)).setup()
+
+
+def test_evaluate_custom_takes_labels_from_the_model(predecessor, toy):
+    args = dict(zip(toy[::2], toy[1::2]))
+    r = run(["evaluate", "--model", str(predecessor), "--task", "custom", "--validation-file", args["--validation-file"],
+             "--text-columns", "text", "--label-column", "label", "--json", "--max-seq-length", "16"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output[r.output.index("{"):])
+    assert result["num_examples"] == 128 and result["metrics"]["accuracy"] >= 0.9

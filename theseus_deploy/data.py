@@ -111,6 +111,8 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
 def _read_tsv(path: Path, spec: TaskSpec):
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    if not rows:
+        raise UsageError(f"no examples in {path} (empty file)")
     if spec.header:
         header, rows = rows[0], rows[1:]
         try:
@@ -235,6 +237,10 @@ def _load_custom(spec: TaskSpec, path: str):
     for c in spec.columns + (spec.label_column,):
         if c not in rows[0]:
             raise UsageError(f"column '{c}' not in {path} (columns: {', '.join(rows[0])})")
+    for i, r in enumerate(rows):  # JSON lines may differ per record; a short CSV row gives None
+        gaps = [c for c in spec.columns + (spec.label_column,) if r.get(c) is None]
+        if gaps:
+            raise UsageError(f"{path}: record {i + 1} has no value for column(s) {', '.join(gaps)}")
     texts = [(str(r[spec.columns[0]]), str(r[spec.columns[1]]) if len(spec.columns) > 1 else None) for r in rows]
     raw = [r[spec.label_column] for r in rows]
     if spec.is_regression:
@@ -273,6 +279,21 @@ def load_task(task: str, data_dir: str | None = None, split: str = "dev", max_sa
     return TaskData(spec, split, texts, labels, source)
 
 
+def spec_from_model(cfg, model_config) -> TaskSpec | None:
+    """`--task custom` without --train-file (evaluate): the label set comes from the model."""
+    if (cfg.task or "").lower() != "custom" or cfg.train_file:
+        return None
+    n = model_config.num_labels
+    if n == 1 or model_config.problem_type == "regression":
+        names = []
+    else:
+        id2label = {int(k): str(v) for k, v in (model_config.id2label or {}).items()}
+        names = [id2label.get(i, str(i)) for i in range(n)]
+        if all(v == f"LABEL_{i}" for i, v in enumerate(names)):
+            names = [str(i) for i in range(n)]  # generic names: the data's labels are the ids
+    return custom_spec(None, cfg.text_columns, cfg.label_column, cfg.problem_type, label_names=names)
+
+
 def load_from_config(cfg, split: str, spec: TaskSpec | None = None) -> TaskData:
     """load_task with the data fields of a DataConfig."""
     max_samples = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
@@ -296,12 +317,14 @@ def label_mapping(data_spec: TaskSpec, model_config) -> np.ndarray | None:
     if n_model != len(names):
         raise UsageError(f"the model has {n_model} labels but task {data_spec.name} has {len(names)} ({', '.join(names)})")
     label2id = {str(k): int(v) for k, v in (model_config.label2id or {}).items()}
-    if all(n in label2id for n in names):
-        mapping = np.asarray([label2id[n] for n in names], dtype=np.int64)
-        return None if (mapping == np.arange(len(names))).all() else mapping
+    for table, key in ((label2id, str), ({k.lower(): v for k, v in label2id.items()}, str.lower)):
+        # exact names first, then case-insensitive (a hub model's NEGATIVE/POSITIVE vs negative/positive)
+        if all(key(n) in table for n in names) and len({key(n) for n in names}) == len(names):
+            mapping = np.asarray([table[key(n)] for n in names], dtype=np.int64)
+            return None if (mapping == np.arange(len(names))).all() else mapping
     if all(k.startswith("LABEL_") for k in label2id) or not label2id:
         return None
-    missing = [n for n in names if n not in label2id]
+    missing = [n for n in names if n.lower() not in {k.lower() for k in label2id}]
     raise UsageError(f"labels the model does not have: {', '.join(missing)} (model labels: {', '.join(label2id)})")
 
 

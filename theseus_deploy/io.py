@@ -22,8 +22,6 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise UsageError(f"output path exists and is not a folder: {path}")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UsageError(f"output folder is not empty: {path} (pass --overwrite to replace it)")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -31,6 +29,7 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary folder; on success it replaces `path`, on error it is deleted."""
     path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)  # only now: a run that fails early creates nothing
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp

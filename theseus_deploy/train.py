@@ -81,6 +81,10 @@ class Recipe:
         cfg = self.cfg
         if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
             raise UsageError("batch sizes must be at least 1")
+        for flag in ("log_steps", "eval_steps", "save_steps"):
+            value = getattr(cfg, flag, None)
+            if value is not None and value < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
         if cfg.max_seq_length < 8:
             raise UsageError(f"--max-seq-length must be at least 8, got {cfg.max_seq_length}")
         self.output = Path(cfg.output)
@@ -93,6 +97,7 @@ class Recipe:
         self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
         self.spec = self.train_data.spec
         self.tokenizer = load_tokenizer(cfg.model)
+        torch.manual_seed(cfg.seed)            # a new classifier head (finetune) depends on --seed
         self.model = self.build_model()        # sets self.hf_config
         mapping = label_mapping(self.spec, self.hf_config)
         names = model_input_names(self.hf_config)
@@ -115,6 +120,7 @@ class Recipe:
             self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.dev_loader = self.acc.prepare(make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False))
+        self.after_prepare()
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, -1, 0
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed)
@@ -143,6 +149,9 @@ class Recipe:
 
     def setup_extra(self):
         pass
+
+    def after_prepare(self):
+        """Called once model, optimizer and dev loader are on the accelerator's device(s)."""
 
     # ================================================================== train
     def before_step(self) -> bool:
@@ -213,9 +222,10 @@ class Recipe:
             self.best_score, self.best_step, self.bad_evals = metrics["score"], self.step, 0
             self.best_metrics = metrics
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.final_state_dict().items()}
-            self.work.mkdir(parents=True, exist_ok=True)
-            torch.save({"state": self.best_state, "score": self.best_score, "step": self.step, "metrics": metrics},
-                       self.work / "best.pt")
+            if self.acc.is_main_process:  # one writer under multi-process launch
+                self.work.mkdir(parents=True, exist_ok=True)
+                torch.save({"state": self.best_state, "score": self.best_score, "step": self.step, "metrics": metrics},
+                           self.work / "best.pt")
         else:
             self.bad_evals += 1
         patience = self.cfg.early_stopping_patience
@@ -238,6 +248,7 @@ class Recipe:
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "best": (self.best_score, self.best_step, self.bad_evals),
             "history": self.history,
             "config": C.to_dict(self.cfg),
@@ -252,10 +263,13 @@ class Recipe:
         if not path.is_file():
             raise UsageError(f"--resume: no checkpoint at {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)
+        self.check_resume_config(state.get("config", {}))
         self.acc.unwrap_model(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.best_score, self.best_step, self.bad_evals = state["best"]
         self.history = state["history"]
@@ -267,6 +281,18 @@ class Recipe:
 
     def restore_extra(self, state: dict):
         pass
+
+    # A resumed run must be the same run: these decide data order, draws, p and lr at every step.
+    RESUME_KEYS = ("model", "task", "train_file", "max_steps", "epochs", "batch_size", "max_seq_length", "seed",
+                   "lr", "successor_layers", "init", "scheduler", "replacing_rate", "steps_to_full", "k",
+                   "unfreeze_head", "warmup_ratio", "weight_decay", "max_train_samples")
+
+    def check_resume_config(self, saved: dict):
+        now = C.to_dict(self.cfg)
+        diff = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in self.RESUME_KEYS
+                if k in saved and k in now and saved[k] != now[k]]
+        if diff:
+            raise UsageError("--resume with settings that differ from the checkpoint's run: " + ", ".join(diff))
 
     # ================================================================== save
     def final_state_dict(self) -> dict:
@@ -351,16 +377,17 @@ class CompressRecipe(Recipe):
         self.replace_gen = torch.Generator().manual_seed(cfg.seed + 1)  # draws: their own RNG, resumable
         self.head_unfrozen = False
         self.last_p = self.scheduler(0)
-        # The predecessor's own dev score, for the retention figure.
-        self.theseus.force("predecessor")
-        loader = make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False)
-        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.theseus, loader))
-        self.theseus.force(None)
-        log(f"[compress] predecessor ({self.theseus.predecessor_layers} layers) dev: "
-            + ", ".join(f"{k} {v:.4f}" for k, v in self.predecessor_metrics.items()))
         log(f"[compress] {self.theseus.predecessor_layers} -> {self.theseus.num_modules} layers, blocks "
             f"{self.theseus.blocks}, init from {self.theseus.init_from}, {cfg.scheduler} schedule "
             f"b={self.scheduler.b:g} k={self.scheduler.k:.3g} (p=1 at step {self.scheduler.steps_to_full})")
+
+    def after_prepare(self):
+        # The predecessor's own dev score, for the retention figure (on the accelerator's devices).
+        self.theseus.force("predecessor")
+        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.model, self.dev_loader, self.acc))
+        self.theseus.force(None)
+        log(f"[compress] predecessor ({self.theseus.predecessor_layers} layers) dev: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in self.predecessor_metrics.items()))
 
     def before_step(self) -> bool:
         p = self.scheduler(self.step)
@@ -455,7 +482,11 @@ def run_compress(cfg: C.CompressConfig):
 
 
 def run_evaluate(cfg: C.EvaluateConfig) -> dict:
-    data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split)
+    from .data import spec_from_model
+    from .hf import load_config
+
+    spec = spec_from_model(cfg, load_config(cfg.model))
+    data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
     model = load_classifier(cfg.model).eval()
     tokenizer = load_tokenizer(cfg.model)
     mapping = label_mapping(data.spec, model.config)
