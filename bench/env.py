@@ -27,7 +27,7 @@ def environment(threads: int | None = None) -> dict:
                 pass
     except ImportError:
         pass
-    env["cpu_flags"] = [f for f in ("avx512f", "avx512_vnni", "amx_bf16", "amx_int8") if f in _cpu_flags()]
+    env["cpu_flags"] = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in _cpu_flags()]
     versions = {}
     for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
         try:

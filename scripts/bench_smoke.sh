@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/smoke}
 BASELINE=${BASELINE:-bench/baselines/ci-smoke.json}
-TOL=${TOL:-0.35}
+TOL=${TOL:-0.2}
 mkdir -p "$OUT"
 "$PY" -m theseus_deploy.tiny "$OUT/pred" --layers 4 --hidden 64 >/dev/null
 "$PY" -m theseus_deploy.tiny "$OUT/succ" --layers 2 --hidden 64 --seed 1 >/dev/null
