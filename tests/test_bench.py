@@ -10,7 +10,7 @@ from bench import gate
 from bench.flops import encoder_flops, ideal_speedup
 from bench.sweep import Entry, paired_speedup, run_sweep
 from bench.timing import Latency, percentile, time_calls
-from conftest import BERT_TOKENIZER, make_tiny_model
+from conftest import make_tiny_model
 from theseus_deploy.cli import cli
 
 
@@ -106,12 +106,16 @@ def pair(tmp_path_factory):
     return make_tiny_model(d / "pred", "bert", 4), make_tiny_model(d / "succ", "bert", 2)
 
 
-def test_cli_end_to_end_reports_and_gate(pair, tmp_path, glue_dir):
+def test_cli_end_to_end_reports_and_gate(pair, tmp_path):
     pred, succ = pair
     out = tmp_path / "b"
+    rows = ["sentence,label"] + [f"{'a very good movie ' * (i % 5 + 1)},{i % 2}" for i in range(16)]
+    (tmp_path / "dev.csv").write_text("\n".join(rows) + "\n")
+    data = ["--task", "custom", "--train-file", str(tmp_path / "dev.csv"), "--validation-file", str(tmp_path / "dev.csv"),
+            "--text-columns", "sentence", "--label-column", "label"]
     args = ["bench", "--model", str(pred), "--model", str(succ), "--backend", "torch", "--backend", "onnx",
             "--batch-sizes", "1,2", "--seq-lens", "16,32", "--iterations", "4", "--rounds", "2", "--min-seconds", "0",
-            "--warmup", "1", "--task", "sst2", "--max-eval-samples", "16", "--traffic-batch-size", "8",
+            "--warmup", "1", *data, "--traffic-batch-size", "8",
             "--update-baseline", str(tmp_path / "base.json")]
     r = CliRunner().invoke(cli, [*args, "--output", str(out)])
     assert r.exit_code == 0, r.output
@@ -136,15 +140,11 @@ def test_cli_end_to_end_reports_and_gate(pair, tmp_path, glue_dir):
 
 
 def test_random_init_from_config_folder(tmp_path):
-    import shutil
+    from theseus_deploy.tiny import tiny_config, tiny_tokenizer
 
     cfg = tmp_path / "cfg"
-    cfg.mkdir()
-    from conftest import tiny_config
-
-    tiny_config("bert", 4).save_pretrained(cfg)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BERT_TOKENIZER / f, cfg / f)
+    tiny_config("bert", 4).save_pretrained(cfg)  # a config and a tokenizer, no weights
+    tiny_tokenizer().save_pretrained(cfg)
     r = CliRunner().invoke(cli, ["bench", "--model", str(cfg), "--model", str(cfg), "--layers", "4", "--layers", "2",
                                  "--batch-sizes", "1", "--seq-lens", "16", "--iterations", "2", "--rounds", "1",
                                  "--min-seconds", "0", "--output", str(tmp_path / "o")])

@@ -11,6 +11,35 @@ from pathlib import Path
 SHARED = Path(os.environ.get("THESEUS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TOKENIZER = os.environ.get("THESEUS_TINY_TOKENIZER", str(SHARED / "models" / "bert-base-uncased"))
 
+# Where the real BERT tokenizer is not at hand (a clone outside the workspace, no hub), tiny models
+# get a small built-in WordPiece vocabulary: whole common words, else characters. Ids stay far below
+# the models' vocab_size, so everything that runs on the real tokenizer runs on this one.
+_WORDS = ("the a an and or but of to in on at for with by from as is are was were be been it its this that "
+          "these those there here he she they we you i me my your his her their our not no yes very too so "
+          "movie film plot actor actors scene story music ending time people way thing day great good bad best "
+          "worst fun funny boring dull love hate like well just only even more most much many one two all some "
+          "what who which when where why how can could will would should do does did has have had make made "
+          "see seen watch said says man woman men women world life new old long short first last own same other").split()
+
+
+def builtin_tokenizer():
+    import string
+
+    from transformers import BertTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(_WORDS)) + chars + ["##" + c for c in chars]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+
+
+def tiny_tokenizer():
+    """The real bert-base-uncased tokenizer from ../shared when present, else the built-in one."""
+    from transformers import AutoTokenizer
+
+    if (Path(TOKENIZER) / "tokenizer.json").is_file() or (Path(TOKENIZER) / "vocab.txt").is_file():
+        return AutoTokenizer.from_pretrained(TOKENIZER)
+    return builtin_tokenizer()
+
 
 def tiny_config(arch: str = "bert", layers: int = 4, num_labels: int = 2, hidden: int = 32):
     from transformers import BertConfig, MPNetConfig, RobertaConfig
@@ -29,14 +58,14 @@ def tiny_config(arch: str = "bert", layers: int = 4, num_labels: int = 2, hidden
 
 def make_tiny_model(path, arch: str = "bert", layers: int = 4, num_labels: int = 2, seed: int = 0,
                     hidden: int = 32) -> Path:
-    """Save a random tiny `*ForSequenceClassification` plus the BERT tokenizer to `path`."""
+    """Save a random tiny `*ForSequenceClassification` plus a BERT tokenizer (see `tiny_tokenizer`) to `path`."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_config(tiny_config(arch, layers, num_labels, hidden))
     model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
     return Path(path)
 
 
