@@ -146,7 +146,8 @@ BAD = [
       "{tmp}/none.csv", "--text-columns", "text", "--label-column", "label", "--output", "{out}"], "does not exist"),
     (["compress", "--model", "{pred}", "{toy}", "--successor-layers", "9", "--output", "{out}"], "between 1 and"),
     (["compress", "--model", "{pred}", "{toy}", "--successor-layers", "0", "--output", "{out}"], "at least 1"),
-    (["compress", "--model", "{pred}", "--task", "stsb", "--output", "{out}"], "regression task but the model has 2"),
+    (["compress", "--model", "{pred}", "--task", "stsb", "--data-dir", "{glue}", "--output", "{out}"],
+     "regression task but the model has 2"),
     (["evaluate", "--model", "{pred}", "--task", "custom", "--train-file", "{tmp}/empty.csv", "--validation-file",
       "{tmp}/empty.csv", "--text-columns", "text", "--label-column", "label"], "no examples"),
     (["finetune", "--model", "{pred}", "{toy}", "--text-columns", "txt", "--output", "{out}"], "column 'txt' not in"),
@@ -159,7 +160,11 @@ BAD = [
 @pytest.mark.parametrize("args,msg", BAD, ids=[b[1] for b in BAD])
 def test_bad_input_one_line_exit_2_nothing_written(args, msg, predecessor, toy, tmp_path):
     (tmp_path / "empty.csv").write_text("text,label\n")
-    fmt = {"pred": str(predecessor), "out": str(tmp_path / "out"), "tmp": str(tmp_path)}
+    from conftest import GLUE_DIR
+
+    if "{glue}" in args and not (GLUE_DIR / "STS-B").is_dir():
+        pytest.skip(f"GLUE data not found at {GLUE_DIR}")
+    fmt = {"pred": str(predecessor), "out": str(tmp_path / "out"), "tmp": str(tmp_path), "glue": str(GLUE_DIR)}
     argv = []
     for a in args:
         argv += toy if a == "{toy}" else [a.format(**fmt)]

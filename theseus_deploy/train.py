@@ -92,7 +92,12 @@ class Recipe:
         if not (self.kind == "compress" and cfg.resume):
             check_output_dir(self.output, cfg.overwrite)
 
-        # Data first: bad files fail before any model is loaded.
+        from .hf import check_model_source
+
+        if not cfg.model:
+            raise UsageError("--model is required")
+        check_model_source(cfg.model)  # a mistyped path is reported before any data is read
+        # Data next: bad files fail before any model is loaded.
         self.train_data = load_from_config(cfg, "train")
         self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
         self.spec = self.train_data.spec
