@@ -47,7 +47,8 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                  max_seq_length: int = 512, opt_batch_size: int | None = None, opt_seq_length: int | None = None,
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
-                 threads: int | None = None, max_task_drop: float = 0.01) -> dict:
+                 threads: int | None = None, max_task_drop: float = 0.01, int8_per_channel: bool = True,
+                 int8_reduce_range: bool = False) -> dict:
     from theseus_deploy.hf import check_model_source, load_config
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -110,7 +111,10 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             elif fmt == "onnx-fp16":
                 entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=True)
             elif fmt == "onnx-int8":
-                entry["quantized_ops"] = quantize_int8(tmp / FILES["onnx"], tmp / FILES[fmt])
+                entry["quantized_ops"] = quantize_int8(tmp / FILES["onnx"], tmp / FILES[fmt], int8_per_channel,
+                                                       int8_reduce_range)
+                entry["quantization"] = {"mode": "dynamic", "weights": "int8",
+                                         "per_channel": int8_per_channel, "reduce_range": int8_reduce_range}
             elif fmt == "trt":
                 from .trt import build_engine
 

@@ -20,6 +20,10 @@ import click
 @click.option("--max-eval-samples", default=None, type=int, help="Score only the first N dev examples.")
 @click.option("--max-task-drop", default=0.01, show_default=True, type=float,
               help="With --task: fail if an artifact's dev score is more than this below PyTorch's (0.01 = 1 point).")
+@click.option("--int8-per-channel/--int8-per-tensor", default=True, show_default=True,
+              help="onnx-int8: one weight scale per output channel (more accurate) or per tensor.")
+@click.option("--int8-reduce-range/--no-int8-reduce-range", default=False, show_default=True,
+              help="onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
 @click.option("--threads", default=None, type=int, help="CPU threads for validation runs.")
 @click.option("--overwrite/--no-overwrite", default=False, help="Replace a non-empty output folder.")
 def export(model, formats, output, **kwargs):

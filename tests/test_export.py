@@ -42,6 +42,8 @@ def test_bert_all_formats_fused_and_validated(bert_export, tiny_bert):
         assert ops["Attention"] == 4 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 8
         assert ops["BiasGelu"] + ops["FastGelu"] + ops["Gelu"] == 4
     assert arts["onnx-int8"]["quantized_ops"]["QAttention"] + arts["onnx-int8"]["quantized_ops"]["MatMulInteger"] > 0
+    assert arts["onnx-int8"]["quantization"] == {"mode": "dynamic", "weights": "int8", "per_channel": True,
+                                                 "reduce_range": False}
     for fmt, a in arts.items():
         shapes = [tuple(s["shape"]) for s in a["validation"]["shapes"]]
         assert shapes == [(1, 16), (3, 37), (8, 128)]
