@@ -115,6 +115,9 @@ def bench_lines(root: Path) -> list[str]:
     return lines
 
 
+NOTES = "<!-- notes: written by hand below this line, kept by `results.py report` -->"
+
+
 def report(root: Path, doc: Path):
     rows = {}
     for f in sorted(root.glob("*/seed*/summary.json")):
@@ -143,6 +146,9 @@ def report(root: Path, doc: Path):
         lines.append(f"| **macro avg** | | {avg['predecessor']:.1f} | {avg['theseus']:.1f} | "
                      f"{100 * avg['theseus'] / avg['predecessor']:.1f}% | {avg['truncation']:.1f} | {avg['constant']:.1f} | "
                      f"{wins}/{len(rows)} |")
+    missing = [t for t in BUDGET if t not in rows]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (`python scripts/results.py run --tasks {','.join(missing)}`)."]
     lines += bench_lines(root)
     lines += ["", "## Budgets and commands", ""]
     for task, runs in sorted(rows.items()):
@@ -151,7 +157,10 @@ def report(root: Path, doc: Path):
         lines.append("```")
         lines += [r["commands"][k] for k in ("predecessor", *METHODS)]
         lines.append("```")
-    doc.write_text("\n".join(lines) + "\n")
+    notes = ""
+    if doc.is_file() and NOTES in doc.read_text():  # the hand-written reading survives a re-run
+        notes = doc.read_text().split(NOTES, 1)[1]
+    doc.write_text("\n".join(lines) + "\n\n" + NOTES + notes.rstrip("\n") + "\n")
     print("\n".join(lines))
 
 
