@@ -9,7 +9,7 @@ from pathlib import Path
 from theseus_deploy.errors import UsageError
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
-EXPORT_FORMAT = {"onnx-trt-ep": "onnx-fp16"}  # the artifact a backend runs, when its name differs
+EXPORT_FORMAT = {"onnx-trt-ep": "onnx-fp16-trt"}  # the artifact a backend runs, when its name differs
 # Models whose position ids start after the padding index (max_position_embeddings includes the offset)
 POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
 
@@ -89,7 +89,8 @@ def check_backends(backends, device: str):
         for b in ort_backends:
             need = "TensorrtExecutionProvider" if b == "onnx-trt-ep" else "CUDAExecutionProvider"
             if need not in have:
-                raise UsageError(f"backend {b} on --device cuda needs ONNX Runtime's {need} (pip install -e .[gpu], "
+                raise UsageError(f"backend {b} on --device cuda needs ONNX Runtime's {need} "
+                                 f"(pip install -e .[{'trt' if b == 'onnx-trt-ep' else 'gpu'}], "
                                  f"and uninstall the CPU-only onnxruntime package); available: {', '.join(have)}")
 
 
@@ -117,6 +118,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     if task:
         from theseus_deploy.data import load_task
 
+        if task == "custom" and not train_file:
+            train_file = validation_file  # only the texts are timed: the labels need no training file
         data = load_task(task, data_dir, "dev", max_eval_samples, train_file, validation_file, text_columns, label_column)
 
     import torch

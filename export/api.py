@@ -2,8 +2,10 @@
 
     onnx       fp32 graph (dynamic batch/sequence) -> ORT transformer fusion
     onnx-int8  dynamic INT8 quantisation of the fused fp32 graph (CPU)
-    onnx-fp16  fused graph converted to fp16, fp32 I/O (GPU execution providers; TensorRT's input)
-    trt        TensorRT engine built from the fp16 graph with one optimisation profile
+    onnx-fp16  fused graph converted to fp16, fp32 I/O (ONNX Runtime's CUDA execution provider)
+    onnx-fp16-trt  the UNfused graph in fp16 (layer norm fp32): standard ops only, for TensorRT
+               (the fused graph's com.microsoft ops are unknown to TensorRT's parser)
+    trt        TensorRT engine built from onnx-fp16-trt with one optimisation profile
     torch-bf16 nothing to write: PyTorch bf16 (AMX CPUs) validated like an artifact
 Everything is built in a temporary folder and renamed into place only when every format was
 built and validated, so a failed export leaves nothing behind.
@@ -18,9 +20,11 @@ from pathlib import Path
 
 from theseus_deploy.errors import UsageError
 
-FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "trt", "torch-bf16")
-FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx", "trt": "model-fp16.plan"}
-NEEDS = {"onnx": [], "onnx-int8": ["onnx"], "onnx-fp16": [], "trt": ["onnx-fp16"], "torch-bf16": []}
+FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "onnx-fp16-trt", "trt", "torch-bf16")
+FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx",
+         "onnx-fp16-trt": "model-fp16-trt.onnx", "trt": "model-fp16.plan"}
+NEEDS = {"onnx": [], "onnx-int8": ["onnx"], "onnx-fp16": [], "onnx-fp16-trt": [], "trt": ["onnx-fp16-trt"],
+         "torch-bf16": []}
 
 
 def _sha256(path: Path) -> str:
@@ -79,7 +83,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         if mapping is not None:
             data.labels = mapping[data.labels]
 
-    from .onnx import export_onnx, fuse
+    from .onnx import export_onnx, fuse, plain_fp16
     from .ort import quantize_int8
     from .runtime import OrtRunner, TorchRunner
     from .validate import check_task_drop, shapes_for, task_metric
@@ -110,6 +114,8 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                 entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info)
             elif fmt == "onnx-fp16":
                 entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=True)
+            elif fmt == "onnx-fp16-trt":
+                entry["ops"] = plain_fp16(raw, tmp / FILES[fmt])
             elif fmt == "onnx-int8":
                 entry["quantized_ops"] = quantize_int8(tmp / FILES["onnx"], tmp / FILES[fmt], int8_per_channel,
                                                        int8_reduce_range)
@@ -118,7 +124,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             elif fmt == "trt":
                 from .trt import build_engine
 
-                entry.update(build_engine(tmp / FILES["onnx-fp16"], tmp / FILES[fmt], info["input_names"], profile))
+                entry.update(build_engine(tmp / FILES["onnx-fp16-trt"], tmp / FILES[fmt], info["input_names"], profile))
             entry["build_seconds"] = round(time.time() - t0, 2)
             runner = None
             if fmt == "torch-bf16":

@@ -5,7 +5,7 @@ import click
 @click.command(name="export")
 @click.option("--model", required=True, help="Model folder (predecessor or successor) or hub id.")
 @click.option("--format", "formats", multiple=True, required=True,
-              type=click.Choice(["onnx", "onnx-int8", "onnx-fp16", "trt", "torch-bf16"]),
+              type=click.Choice(["onnx", "onnx-int8", "onnx-fp16", "onnx-fp16-trt", "trt", "torch-bf16"]),
               help="Artifact to build; repeat for several. torch-bf16 writes nothing but is validated like one.")
 @click.option("--output", required=True, help="Output folder: one file per format, manifest.json, config and tokenizer.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 or higher).")

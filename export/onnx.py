@@ -68,6 +68,36 @@ def count_ops(onnx_path: Path) -> dict:
     return counts
 
 
+# Standard ONNX ops only: what TensorRT's parser (and ORT's TensorRT EP) can take. LayerNorm stays
+# fp32: TensorRT warns that fp16 layer norm after attention can overflow, and a strongly typed
+# network (TensorRT 11) runs each op in the precision the graph gives it.
+PLAIN_FP16_KEEP_FP32 = ("LayerNormalization", "ReduceMean", "Pow", "Sqrt")
+
+
+def plain_fp16(src: Path, dst: Path) -> dict:
+    """The unfused graph in fp16 (fp32 inputs/outputs, layer norm in fp32), for TensorRT.
+
+    ONNX Runtime's fused graph is made of com.microsoft contrib ops (Attention,
+    SkipLayerNormalization ...) that TensorRT's ONNX parser does not know, so the engine is
+    built from this graph instead. Returns op counts (no contrib op may remain).
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(model, keep_io_types=True,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST + list(PLAIN_FP16_KEEP_FP32))
+    onnx.save(model, str(dst))
+    contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if contrib:
+        raise RuntimeError(f"plain fp16 graph has non-standard ops {contrib}: TensorRT cannot parse it")
+    ops = count_ops(dst)
+    return {"standard_ops_only": True, "LayerNormalization": ops.get("LayerNormalization", 0),
+            "MatMul": ops.get("MatMul", 0), "Softmax": ops.get("Softmax", 0)}
+
+
 def fuse(src: Path, dst: Path, info: dict, fp16: bool = False) -> dict:
     """ONNX Runtime transformer fusion (and optionally fp16 conversion); returns fused op counts.
 

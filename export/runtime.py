@@ -19,7 +19,7 @@ from theseus_deploy.errors import UsageError
 
 BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
 ARTIFACT = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx",
-            "onnx-trt-ep": "model-fp16.onnx", "trt": "model-fp16.plan"}
+            "onnx-trt-ep": "model-fp16-trt.onnx", "trt": "model-fp16.plan"}
 
 
 def _random_ids(batch_size: int, seq_len: int, vocab_size: int, names, seed: int = 0, padded: bool = False) -> dict:
@@ -115,16 +115,20 @@ class OrtRunner(Runner):
             need = "TensorrtExecutionProvider" if backend == "onnx-trt-ep" else "CUDAExecutionProvider"
             if need not in have:
                 raise UsageError(f"backend {backend} on --device cuda needs ONNX Runtime's {need} "
-                                 f"(pip install -e .[gpu]{'[trt]' if 'Tensorrt' in need else ''}, and uninstall the CPU-only "
+                                 f"(pip install -e .[{'trt' if 'Tensorrt' in need else 'gpu'}], and uninstall the CPU-only "
                                  f"onnxruntime package); available providers: {', '.join(have)}")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if backend == "onnx-trt-ep":  # TensorRT runs what it can, the rest falls back to CUDA
-                providers.insert(0, ("TensorrtExecutionProvider", {"trt_fp16_enable": True}))
+            if backend == "onnx-trt-ep":  # the plain fp16 graph: TensorRT takes all of it
+                providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path))))
         elif backend == "onnx-trt-ep":
             raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
         else:
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        if device == "cuda" and need not in self.session.get_providers():
+            # listed as available but its libraries (cuDNN, TensorRT) did not load: ORT fell back quietly
+            raise UsageError(f"backend {backend}: {need} could not be loaded (session runs on "
+                             f"{', '.join(self.session.get_providers())}); check the CUDA/cuDNN/TensorRT libraries")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.backend, self.device, self.name = backend, device, f"{backend}@{device}"
         self.vocab_size = vocab_size
@@ -151,6 +155,22 @@ class OrtRunner(Runner):
     def logits(self, feeds) -> np.ndarray:
         out = self(feeds)
         return np.asarray(out.numpy() if self.device == "cuda" else out, dtype=np.float32)
+
+
+def _trt_ep_options(path: Path) -> dict:
+    """TensorRT EP: engines cached beside the graph, and the export's profile, so that new
+    shapes inside it do not trigger an engine rebuild inside a timed loop."""
+    opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(path.parent / "trt-ep-cache")}
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        prof, names = m.get("profile"), m.get("input_names")
+        if prof and names:
+            for key in ("min", "opt", "max"):
+                b, s = prof[key]
+                opts[f"trt_profile_{key}_shapes"] = ",".join(f"{n}:{b}x{s}" for n in names)
+    return opts
 
 
 def _manifest_artifact(folder: Path, backend: str) -> Path | None:

@@ -99,7 +99,8 @@ def bench_lines(root: Path) -> list[str]:
         return ["", "## Speed", "", "Not measured yet: `python scripts/results.py bench`."]
     r = json.loads(f.read_text())
     env = r["environment"]
-    lines = ["", "## Speed of the 3-layer successor (`python scripts/results.py bench`)", "",
+    layers = [m["config"].get("num_hidden_layers") for m in r["models"]]
+    lines = ["", f"## Speed: {layers[1]}-layer successor vs {layers[0]}-layer predecessor (`python scripts/results.py bench`)", "",
              f"{env.get('cpu')}, {env.get('torch_threads')} threads; random-id inputs at the shapes below; median of "
              f"{r['config']['rounds']} interleaved paired ratios [min-max]. Speed depends on shapes, not on the task's "
              f"weights (models: `{r['models'][0]['source']}` vs `{r['models'][1]['source']}`).", "",

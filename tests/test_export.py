@@ -191,3 +191,34 @@ def test_validation_inputs_are_padded_like_real_batches():
     lengths = raw["attention_mask"].sum(1)
     assert lengths[0] == 32 and lengths.min() < 32  # row 0 full, others right-padded
     assert ((raw["input_ids"] == 0) == (raw["attention_mask"] == 0)).all()
+
+
+def test_plain_fp16_graph_for_tensorrt(tiny_bert, tmp_path):
+    """TensorRT's parser knows only standard ONNX ops: its fp16 graph must carry no ORT fusions."""
+    m = export_model(str(tiny_bert), ["onnx-fp16-trt"], str(tmp_path / "t"), max_seq_length=128)
+    art = m["artifacts"][0]
+    assert art["file"] == "model-fp16-trt.onnx" and art["ops"]["standard_ops_only"]
+    graph = onnx.load(str(tmp_path / "t" / "model-fp16-trt.onnx")).graph
+    assert {n.domain for n in graph.node} <= {"", "ai.onnx"}
+    assert not {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} & {n.op_type for n in graph.node}
+    fp16 = onnx.TensorProto.FLOAT16
+    assert any(i.data_type == fp16 for i in graph.initializer)  # weights are fp16 ...
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # ... logits stay fp32
+    assert all(s["max_abs_diff"] <= s["tolerance"] for s in art["validation"]["shapes"])
+
+
+@pytest.mark.gpu
+def test_ort_cuda_runner_matches_cpu(bert_export):
+    """IOBinding path: device-resident inputs and outputs give the CPU session's logits."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu with the CUDA execution provider is not installed")
+    out, _ = bert_export
+    cpu = load_runner(str(out), "onnx", "cpu")
+    gpu = load_runner(str(out), "onnx", "cuda")
+    for b, s in ((1, 16), (4, 64)):
+        raw = {n: np.asarray(v) for n, v in cpu.make_inputs(b, s, seed=b).items()}
+        assert np.abs(gpu.logits(gpu.encode(raw)) - cpu.logits(cpu.encode(raw))).max() < 1e-3
+    clf = TextClassifier.load(str(out), backend="onnx-fp16", device="cuda")
+    assert len(clf(["a great movie", "a dull film"])) == 2

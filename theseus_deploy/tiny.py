@@ -28,7 +28,7 @@ def builtin_tokenizer():
     from transformers import BertTokenizer
 
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(dict.fromkeys(_WORDS)) + chars + ["##" + c for c in chars]
+    vocab = dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *_WORDS, *chars, *("##" + c for c in chars)])
     return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
 
 

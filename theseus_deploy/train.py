@@ -288,9 +288,10 @@ class Recipe:
         pass
 
     # A resumed run must be the same run: these decide data order, draws, p and lr at every step.
-    RESUME_KEYS = ("model", "task", "train_file", "max_steps", "epochs", "batch_size", "max_seq_length", "seed",
+    RESUME_KEYS = ("model", "task", "data_dir", "train_file", "validation_file", "text_columns", "label_column",
+                   "max_steps", "epochs", "min_steps", "max_epochs", "batch_size", "max_seq_length", "seed",
                    "lr", "successor_layers", "init", "scheduler", "replacing_rate", "steps_to_full", "k",
-                   "unfreeze_head", "warmup_ratio", "weight_decay", "max_train_samples")
+                   "unfreeze_head", "warmup_ratio", "weight_decay", "max_train_samples", "mixed_precision")
 
     def check_resume_config(self, saved: dict):
         now = C.to_dict(self.cfg)
