@@ -161,7 +161,8 @@ def report(root: Path, doc: Path):
     notes = ""
     if doc.is_file() and NOTES in doc.read_text():  # the hand-written reading survives a re-run
         notes = doc.read_text().split(NOTES, 1)[1]
-    doc.write_text("\n".join(lines) + "\n\n" + NOTES + notes.rstrip("\n") + "\n")
+    text = "\n".join(lines).replace(str(REPO) + "/", "")  # paths relative to the repository
+    doc.write_text(text + "\n\n" + NOTES + notes.rstrip("\n") + "\n")
     print("\n".join(lines))
 
 
