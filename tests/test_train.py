@@ -230,3 +230,20 @@ def test_evaluate_custom_takes_labels_from_the_model(predecessor, toy):
     assert r.exit_code == 0, r.output
     result = json.loads(r.output[r.output.index("{"):])
     assert result["num_examples"] == 128 and result["metrics"]["accuracy"] >= 0.9
+
+
+def test_finetune_regression_head_from_a_bare_encoder(tmp_path):
+    """A regression task (STS-B style) on an encoder without a head: one output, regression loss."""
+    base = make_tiny_model(tmp_path / "base", "bert", 2)
+    rng = random.Random(0)
+    rows = ["a,b,score"] + [f"{' '.join(rng.choices(WORDS, k=5))},{' '.join(rng.choices(WORDS, k=5))},{rng.uniform(0, 5):.2f}"
+                            for _ in range(64)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    data = ["--task", "custom", "--train-file", str(tmp_path / "r.csv"), "--validation-file", str(tmp_path / "r.csv"),
+            "--text-columns", "a,b", "--label-column", "score"]
+    r = run(["finetune", "--model", str(base), *data, "--output", str(tmp_path / "o"), "--max-steps", "4",
+             "--batch-size", "16", "--max-seq-length", "16"])
+    assert r.exit_code == 0, r.output
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "o")
+    assert model.config.num_labels == 1 and model.config.problem_type == "regression"
+    assert {"pearson", "spearman"} <= set(json.loads((tmp_path / "o" / "metrics.json").read_text())["dev"])

@@ -63,13 +63,15 @@ def load_classifier(name: str, num_labels: int | None = None, **config_overrides
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise in our logs
     config = load_config(name)
+    # A head of another size (a 2-label classifier fine-tuned for regression ...) is replaced by a new one.
+    new_head = num_labels is not None and num_labels != config.num_labels
     if num_labels is not None:
         config.num_labels = num_labels
     for k, v in config_overrides.items():
         setattr(config, k, v)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            check_model_source(name), config=config, dtype=torch.float32
+            check_model_source(name), config=config, dtype=torch.float32, ignore_mismatched_sizes=new_head
         )
     except (OSError, ValueError) as e:
         raise UsageError(f"could not load model '{name}': {str(e).splitlines()[0]}") from None

@@ -134,10 +134,14 @@ class Recipe:
         return self
 
     def build_model(self):
-        model = load_classifier(self.cfg.model, num_labels=self.spec.num_labels,
-                                id2label=dict(enumerate(self.spec.label_names)) if not self.spec.is_regression else None,
-                                label2id={n: i for i, n in enumerate(self.spec.label_names)} if not self.spec.is_regression else None,
-                                problem_type="regression" if self.spec.is_regression else "single_label_classification")
+        if self.spec.is_regression:
+            # no label names: setting id2label at all (even to None) would reset num_labels in transformers 5
+            labels = {"problem_type": "regression"}
+        else:
+            labels = {"id2label": dict(enumerate(self.spec.label_names)),
+                      "label2id": {n: i for i, n in enumerate(self.spec.label_names)},
+                      "problem_type": "single_label_classification"}
+        model = load_classifier(self.cfg.model, num_labels=self.spec.num_labels, **labels)
         if self.cfg.keep_layers is not None:
             model = truncate(model, self.cfg.keep_layers)
         self.hf_config = model.config
