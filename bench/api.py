@@ -81,17 +81,12 @@ def check_backends(backends, device: str):
         raise UsageError("backend torch-fp16 needs --device cuda (on CPU use torch-bf16)")
     if "onnx-trt-ep" in backends and device != "cuda":
         raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
-    ort_backends = [b for b in backends if b.startswith("onnx")]
-    if ort_backends and device == "cuda":  # say it now, not after every model was exported
-        import onnxruntime as ort
+    if device == "cuda":  # say it now, not after every model was exported
+        from export.runtime import check_ort_provider
 
-        have = ort.get_available_providers()
-        for b in ort_backends:
-            need = "TensorrtExecutionProvider" if b == "onnx-trt-ep" else "CUDAExecutionProvider"
-            if need not in have:
-                raise UsageError(f"backend {b} on --device cuda needs ONNX Runtime's {need} "
-                                 f"(pip install -e .[{'trt' if b == 'onnx-trt-ep' else 'gpu'}], "
-                                 f"and uninstall the CPU-only onnxruntime package); available: {', '.join(have)}")
+        for b in backends:
+            if b.startswith("onnx"):
+                check_ort_provider(b)
 
 
 def run_bench(models, output: str, layers=(), backends=("torch",), device: str = "cpu", batch_sizes="1,8,32",

@@ -111,12 +111,7 @@ class OrtRunner(Runner):
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         if device == "cuda":
-            have = ort.get_available_providers()
-            need = "TensorrtExecutionProvider" if backend == "onnx-trt-ep" else "CUDAExecutionProvider"
-            if need not in have:
-                raise UsageError(f"backend {backend} on --device cuda needs ONNX Runtime's {need} "
-                                 f"(pip install -e .[{'trt' if 'Tensorrt' in need else 'gpu'}], and uninstall the CPU-only "
-                                 f"onnxruntime package); available providers: {', '.join(have)}")
+            need = check_ort_provider(backend)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             if backend == "onnx-trt-ep":  # the plain fp16 graph: TensorRT takes all of it
                 providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path))))
@@ -155,6 +150,19 @@ class OrtRunner(Runner):
     def logits(self, feeds) -> np.ndarray:
         out = self(feeds)
         return np.asarray(out.numpy() if self.device == "cuda" else out, dtype=np.float32)
+
+
+def check_ort_provider(backend: str) -> str:
+    """The execution provider an ONNX backend needs on CUDA; UsageError if ONNX Runtime lacks it."""
+    import onnxruntime as ort
+
+    need = "TensorrtExecutionProvider" if backend == "onnx-trt-ep" else "CUDAExecutionProvider"
+    have = ort.get_available_providers()
+    if need not in have:
+        raise UsageError(f"backend {backend} on --device cuda needs ONNX Runtime's {need} "
+                         f"(pip install -e .[{'trt' if backend == 'onnx-trt-ep' else 'gpu'}], and uninstall the "
+                         f"CPU-only onnxruntime package); available providers: {', '.join(have)}")
+    return need
 
 
 def _trt_ep_options(path: Path) -> dict:
