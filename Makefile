@@ -33,8 +33,9 @@ bench-baseline: install
 
 # docs/results.md: every number of the MiniLM GLUE results (hours on 2 CPU cores)
 TASKS ?= mrpc,rte,stsb,cola,sst2
+SEEDS ?= 42
 results: install
-	$(PY) scripts/results.py run --tasks $(TASKS)
+	$(PY) scripts/results.py run --tasks $(TASKS) --seeds $(SEEDS)
 	$(PY) scripts/results.py bench --tasks $(TASKS)
 
 clean:

@@ -47,26 +47,55 @@ def sh(args, log):
         subprocess.run(list(map(str, args)), check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def run_task(task, model, root, seed, successor_layers, data_dir):
+DEFAULT_MODEL = Path.home() / ".cache" / "theseus-models" / "all-MiniLM-L6-v2"
+
+
+def ensure_model(model: str) -> str:
+    """The default MiniLM folder is fetched on first use, as `make demo` does; without the
+    shared fetch script, the hub id is used (real users have the hub)."""
+    if Path(model) != DEFAULT_MODEL or (DEFAULT_MODEL / "config.json").is_file():
+        return model
+    fetch = REPO.parent / "shared" / "scripts" / "fetch-pretrained.sh"
+    if fetch.is_file():
+        subprocess.run(["bash", str(fetch), "minilm", str(DEFAULT_MODEL)], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+        return model
+    return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def run_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None):
     seq, ft_steps, steps, bs = BUDGET[task]
     out = root / task / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
+    # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
+    # spread is over compression runs); by default each seed fine-tunes its own predecessor.
+    pred_seed = seed if predecessor_seed is None else predecessor_seed
+    pred_out = root / task / f"seed{pred_seed}"
+    pred = pred_out / "predecessor"
     common = ["--task", task, "--seed", seed, "--max-seq-length", seq, "--batch-size", bs, "--overwrite"]
     if data_dir:
         common += ["--data-dir", data_dir]
     evals = max(1, steps // 5)
+    old = out / "summary.json"  # wall times of runs finished by an earlier invocation are kept
+    timings = json.loads(old.read_text()).get("seconds", {}) if old.is_file() else {}
+    pred_args = ["finetune", "--model", model, "--max-steps", ft_steps, "--lr", "5e-5",
+                 "--eval-steps", max(1, ft_steps // 3)]
+    pred_common = [*common[:3], pred_seed, *common[4:]]
+    if not (pred / "metrics.json").is_file():  # the predecessor first (its own seed)
+        pred_out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        sh([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
+        if pred_seed == seed:
+            timings["predecessor"] = round(time.time() - t0, 1)
     runs = {
-        "predecessor": ["finetune", "--model", model, "--max-steps", ft_steps, "--lr", "5e-5",
-                        "--eval-steps", max(1, ft_steps // 3)],
-        "theseus": ["compress", "--model", out / "predecessor", "--max-steps", steps, "--lr", "1e-4",
+        "theseus": ["compress", "--model", pred, "--max-steps", steps, "--lr", "1e-4",
                     "--successor-layers", successor_layers, "--eval-steps", evals],
-        "constant": ["compress", "--model", out / "predecessor", "--max-steps", steps, "--lr", "1e-4",
+        "constant": ["compress", "--model", pred, "--max-steps", steps, "--lr", "1e-4",
                      "--successor-layers", successor_layers, "--scheduler", "constant", "--replacing-rate", "0.5",
                      "--steps-to-full", steps // 2, "--eval-steps", evals],
-        "truncation": ["finetune", "--model", out / "predecessor", "--keep-layers", successor_layers,
+        "truncation": ["finetune", "--model", pred, "--keep-layers", successor_layers,
                        "--max-steps", steps, "--lr", "5e-5", "--eval-steps", evals],
     }
-    timings = {}
     for name, args in runs.items():
         if (out / name / "metrics.json").is_file():
             continue
@@ -75,8 +104,11 @@ def run_task(task, model, root, seed, successor_layers, data_dir):
         timings[name] = round(time.time() - t0, 1)
     summary = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
                "budget": {"max_seq_length": seq, "finetune_steps": ft_steps, "compress_steps": steps, "batch_size": bs},
-               "seconds": timings, "commands": {k: " ".join(map(str, ["theseus-deploy", *v, *common, "--output", out / k]))
-                                                 for k, v in runs.items()}}
+               "predecessor_seed": pred_seed, "seconds": timings,
+               "commands": {"predecessor": " ".join(map(str, ["theseus-deploy", *pred_args, *pred_common, "--output", pred])),
+                            **{k: " ".join(map(str, ["theseus-deploy", *v, *common, "--output", out / k]))
+                               for k, v in runs.items()}}}
+    summary["predecessor"] = json.loads((pred / "metrics.json").read_text())["dev"]
     for name in runs:
         m = json.loads((out / name / "metrics.json").read_text())
         summary[name] = m["dev"]
@@ -147,14 +179,28 @@ def report(root: Path, doc: Path):
         lines.append(f"| **macro avg** | | {avg['predecessor']:.1f} | {avg['theseus']:.1f} | "
                      f"{100 * avg['theseus'] / avg['predecessor']:.1f}% | {avg['truncation']:.1f} | {avg['constant']:.1f} | "
                      f"{wins}/{len(rows)} |")
+    if any(len(runs) > 1 for runs in rows.values()):  # the spread behind each median
+        lines += ["", "Per seed (predecessor seed in brackets where one predecessor was compressed with several seeds):", "",
+                  "| task | seed | predecessor | Theseus | truncation | constant |", "|---|---|---|---|---|---|"]
+        for task, runs in sorted(rows.items()):
+            for r in sorted(runs, key=lambda r: r["seed"]):
+                ps = r.get("predecessor_seed", r["seed"])
+                lines.append(f"| {task} | {r['seed']}{f' [{ps}]' if ps != r['seed'] else ''} | "
+                             + " | ".join(f"{100 * r[k]['score']:.1f}" for k in ("predecessor", "theseus", "truncation", "constant")) + " |")
+    if rows:
+        ret = [100 * t / p for t, p in zip(agg["theseus"], agg["predecessor"])]
+        lines += ["", f"Retention of the macro average: {100 * avg['theseus'] / avg['predecessor']:.1f}%; mean of the "
+                      f"per-task retentions: {statistics.mean(ret):.1f}% (lowest {min(ret):.1f}%)."]
     missing = [t for t in BUDGET if t not in rows]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python scripts/results.py run --tasks {','.join(missing)}`)."]
     lines += bench_lines(root)
     lines += ["", "## Budgets and commands", ""]
     for task, runs in sorted(rows.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
         r = runs[0]
-        lines.append(f"**{task}**: {json.dumps(r['budget'])}; wall seconds {json.dumps(r['seconds'])}")
+        seeds = ", ".join(str(x["seed"]) for x in runs)
+        lines.append(f"**{task}**: {json.dumps(r['budget'])}; seeds {seeds}; wall seconds (seed {r['seed']}) {json.dumps(r['seconds'])}")
         lines.append("```")
         lines += [r["commands"][k] for k in ("predecessor", *METHODS)]
         lines.append("```")
@@ -170,8 +216,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "bench", "report"])
     ap.add_argument("--tasks", default="mrpc,rte,stsb,cola,sst2")
-    ap.add_argument("--model", default=os.path.expanduser("~/.cache/theseus-models/all-MiniLM-L6-v2"))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", default="42")
+    ap.add_argument("--predecessor-seed", type=int, default=None,
+                    help="compress this seed's fine-tuned predecessor for every seed (default: each seed its own)")
     ap.add_argument("--successor-layers", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--root", default=str(REPO / "runs" / "results"))
@@ -179,9 +227,10 @@ def main():
     a = ap.parse_args()
     root = Path(a.root)
     if a.what == "run":
+        a.model = ensure_model(a.model)
         for task in a.tasks.split(","):
             for seed in a.seeds.split(","):
-                run_task(task, a.model, root, int(seed), a.successor_layers, a.data_dir)
+                run_task(task, a.model, root, int(seed), a.successor_layers, a.data_dir, a.predecessor_seed)
     if a.what == "bench":
         run_bench(a.tasks.split(",")[0], root, a.seeds.split(",")[0])
     report(root, Path(a.doc))

@@ -1,0 +1,83 @@
+"""scripts/results.py (docs/results.md): which runs it starts, and the report it writes from them.
+
+The runs themselves take hours; here `sh` is replaced by a fake that writes each run's metrics.json,
+so the orchestration (shared predecessor, skipping finished runs) and the arithmetic of the report
+(medians over seeds, retention, wins) are checked on known numbers.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def results():
+    spec = importlib.util.spec_from_file_location("results_script", REPO / "scripts" / "results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_sh(calls, scores):
+    def sh(args, log):
+        out = Path(args[args.index("--output") + 1])
+        calls.append(args)
+        name = out.name
+        seed = int(args[args.index("--seed") + 1])
+        out.mkdir(parents=True)
+        (out / "metrics.json").write_text(json.dumps({"dev": {"score": scores[name] + seed / 10000}}))
+        Path(log).write_text("ok")
+    return sh
+
+
+def test_run_task_shares_one_predecessor_across_seeds(results, tmp_path, monkeypatch):
+    calls = []
+    scores = {"predecessor": 0.80, "theseus": 0.78, "constant": 0.77, "truncation": 0.75}
+    monkeypatch.setattr(results, "sh", fake_sh(calls, scores))
+    for seed in (42, 43):
+        results.run_task("rte", "minilm", tmp_path, seed, 3, None, predecessor_seed=42)
+    preds = [c for c in calls if Path(c[c.index("--output") + 1]).name == "predecessor"]
+    assert len(preds) == 1 and "42" in map(str, preds[0])  # fine-tuned once, with its own seed
+    shared = str(tmp_path / "rte" / "seed42" / "predecessor")
+    compress43 = [c for c in calls if str(tmp_path / "rte" / "seed43") in str(c[c.index("--output") + 1])]
+    assert len(compress43) == 3 and all(str(c[c.index("--model") + 1]) == shared for c in compress43)
+    s43 = json.loads((tmp_path / "rte" / "seed43" / "summary.json").read_text())
+    assert s43["predecessor_seed"] == 42 and s43["predecessor"]["score"] == pytest.approx(0.8042)
+    assert s43["theseus"]["score"] == pytest.approx(0.7843)
+    # finished runs are not repeated, and their wall times survive a second invocation
+    n = len(calls)
+    results.run_task("rte", "minilm", tmp_path, 43, 3, None, predecessor_seed=42)
+    assert len(calls) == n
+    assert json.loads((tmp_path / "rte" / "seed43" / "summary.json").read_text())["seconds"] == s43["seconds"]
+
+
+def write_summary(root, task, seed, pred, theseus, trunc, const):
+    d = root / task / f"seed{seed}"
+    d.mkdir(parents=True)
+    s = {"task": task, "seed": seed, "predecessor_seed": 42, "budget": {"max_seq_length": 64}, "seconds": {},
+         "commands": {k: f"theseus-deploy {k}" for k in ("predecessor", "theseus", "constant", "truncation")},
+         "predecessor": {"score": pred}, "theseus": {"score": theseus}, "truncation": {"score": trunc},
+         "constant": {"score": const}}
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_report_medians_retention_wins_and_notes(results, tmp_path):
+    root = tmp_path / "runs"
+    # rte: three seeds, Theseus median 0.57 beats truncation median 0.55
+    for seed, th, tr in ((42, 0.57, 0.50), (43, 0.60, 0.55), (44, 0.52, 0.56)):
+        write_summary(root, "rte", seed, 0.60, th, tr, 0.54)
+    write_summary(root, "sst2", 42, 0.90, 0.85, 0.86, 0.84)  # truncation ahead
+    doc = tmp_path / "results.md"
+    doc.write_text("old table\n" + results.NOTES + "\nmy reading\n")
+    results.report(root, doc)
+    text = doc.read_text()
+    assert "| rte | 3 | 60.0 | 57.0 | 95.0% | 55.0 | 54.0 | yes |" in text
+    assert "| sst2 | 1 | 90.0 | 85.0 | 94.4% | 86.0 | 84.0 | no |" in text
+    assert "| **macro avg** | | 75.0 | 71.0 | 94.7% | 70.5 | 69.0 | 1/2 |" in text
+    assert "mean of the per-task retentions: 94.7% (lowest 94.4%)" in text
+    assert "| rte | 44 [42] | 60.0 | 52.0 | 56.0 | 54.0 |" in text  # per-seed table
+    assert "old table" not in text and text.rstrip().endswith("my reading")  # hand notes kept
+    assert "Not run yet: cola, mrpc, stsb " in text
