@@ -34,8 +34,10 @@ bench-baseline: install
 # docs/results.md: every number of the MiniLM GLUE results (hours on 2 CPU cores)
 TASKS ?= mrpc,rte,stsb,cola,sst2
 SEEDS ?= 42
+# every seed compresses the predecessor fine-tuned with seed PRED_SEED
+PRED_SEED ?= 42
 results: install
-	$(PY) scripts/results.py run --tasks $(TASKS) --seeds $(SEEDS)
+	$(PY) scripts/results.py run --tasks $(TASKS) --seeds $(SEEDS) --predecessor-seed $(PRED_SEED)
 	$(PY) scripts/results.py bench --tasks $(TASKS)
 
 clean:

@@ -77,7 +77,7 @@ def test_report_medians_retention_wins_and_notes(results, tmp_path):
     assert "| rte | 3 | 60.0 | 57.0 | 95.0% | 55.0 | 54.0 | yes |" in text
     assert "| sst2 | 1 | 90.0 | 85.0 | 94.4% | 86.0 | 84.0 | no |" in text
     assert "| **macro avg** | | 75.0 | 71.0 | 94.7% | 70.5 | 69.0 | 1/2 |" in text
-    assert "mean of the per-task retentions: 94.7% (lowest 94.4%)" in text
+    assert "mean of the per-task retentions: 94.72% (lowest 94.4%)" in text
     assert "| rte | 44 [42] | 60.0 | 52.0 | 56.0 | 54.0 |" in text  # per-seed table
     assert "old table" not in text and text.rstrip().endswith("my reading")  # hand notes kept
     assert "Not run yet: cola, mrpc, stsb " in text
