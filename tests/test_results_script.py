@@ -28,7 +28,10 @@ def fake_sh(calls, scores):
         name = out.name
         seed = int(args[args.index("--seed") + 1])
         out.mkdir(parents=True)
-        (out / "metrics.json").write_text(json.dumps({"dev": {"score": scores[name] + seed / 10000}}))
+        m = {"dev": {"score": scores[name] + seed / 10000}}
+        if args[args.index("--model") - 1] == "compress":
+            m["predecessor_layers"] = 6
+        (out / "metrics.json").write_text(json.dumps(m))
         Path(log).write_text("ok")
     return sh
 
@@ -45,6 +48,7 @@ def test_run_task_shares_one_predecessor_across_seeds(results, tmp_path, monkeyp
     compress43 = [c for c in calls if str(tmp_path / "rte" / "seed43") in str(c[c.index("--output") + 1])]
     assert len(compress43) == 3 and all(str(c[c.index("--model") + 1]) == shared for c in compress43)
     s43 = json.loads((tmp_path / "rte" / "seed43" / "summary.json").read_text())
+    assert s43["predecessor_layers"] == 6  # from compress's metrics.json
     assert s43["predecessor_seed"] == 42 and s43["predecessor"]["score"] == pytest.approx(0.8042)
     assert s43["theseus"]["score"] == pytest.approx(0.7843)
     # finished runs are not repeated, and their wall times survive a second invocation
@@ -57,7 +61,8 @@ def test_run_task_shares_one_predecessor_across_seeds(results, tmp_path, monkeyp
 def write_summary(root, task, seed, pred, theseus, trunc, const):
     d = root / task / f"seed{seed}"
     d.mkdir(parents=True)
-    s = {"task": task, "seed": seed, "predecessor_seed": 42, "budget": {"max_seq_length": 64}, "seconds": {},
+    s = {"task": task, "seed": seed, "predecessor_seed": 42, "model": "/m/minilm", "successor_layers": 3,
+         "predecessor_layers": 6, "budget": {"max_seq_length": 64}, "seconds": {},
          "commands": {k: f"theseus-deploy {k}" for k in ("predecessor", "theseus", "constant", "truncation")},
          "predecessor": {"score": pred}, "theseus": {"score": theseus}, "truncation": {"score": trunc},
          "constant": {"score": const}}
@@ -74,6 +79,7 @@ def test_report_medians_retention_wins_and_notes(results, tmp_path):
     doc.write_text("old table\n" + results.NOTES + "\nmy reading\n")
     results.report(root, doc)
     text = doc.read_text()
+    assert text.startswith("# Results: minilm, 6 -> 3 layers")
     assert "| rte | 3 | 60.0 | 57.0 | 95.0% | 55.0 | 54.0 | yes |" in text
     assert "| sst2 | 1 | 90.0 | 85.0 | 94.4% | 86.0 | 84.0 | no |" in text
     assert "| **macro avg** | | 75.0 | 71.0 | 94.7% | 70.5 | 69.0 | 1/2 |" in text
