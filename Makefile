@@ -23,7 +23,7 @@ test-gpu: install
 demo: install
 	bash scripts/demo.sh
 
-# CI's latency regression gate on tiny models (ratios vs bench/baselines/ci-smoke.json)
+# CI's latency regression gate on tiny models (ratios vs theseus_deploy/bench/baselines/ci-smoke.json)
 bench-smoke: install
 	PY=$(PY) bash scripts/bench_smoke.sh
 

@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="BERT-of-Theseus compression, ONNX/TensorRT export and latency benchmarks for BERT-family classifiers",
     python_requires=">=3.10",
-    packages=find_packages(include=["theseus_deploy*", "export*", "bench*"]),
+    packages=find_packages(include=["theseus_deploy*"]),
+    package_data={"theseus_deploy.bench": ["baselines/*.json"]},
     install_requires=[
         # CPU wheel; GPU users install their CUDA build of torch first (see README).
         "torch>=2.4",

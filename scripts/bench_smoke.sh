@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/smoke}
-BASELINE=${BASELINE:-bench/baselines/ci-smoke.json}
+BASELINE=${BASELINE:-theseus_deploy/bench/baselines/ci-smoke.json}
 TOL=${TOL:-0.2}
 mkdir -p "$OUT"
 "$PY" -m theseus_deploy.tiny "$OUT/pred" --layers 4 --hidden 64 >/dev/null

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from bench import gate
-from bench.flops import encoder_flops, ideal_speedup
-from bench.sweep import Entry, paired_speedup, run_sweep
-from bench.timing import Latency, percentile, time_calls
+from theseus_deploy.bench import gate
+from theseus_deploy.bench.flops import encoder_flops, ideal_speedup
+from theseus_deploy.bench.sweep import Entry, paired_speedup, run_sweep
+from theseus_deploy.bench.timing import Latency, percentile, time_calls
 from conftest import make_tiny_model
 from theseus_deploy.cli import cli
 
@@ -158,7 +158,7 @@ def test_random_init_from_config_folder(tmp_path):
     (["--model", "{pred}", "--backend", "tensorflow"], "Invalid value for '--backend'"),
     (["--model", "{pred}", "--backend", "trt"], "TensorRT"),
     (["--model", "{pred}", "--device", "cuda"], "CUDA"),
-    (["--model", "{pred}", "--backend", "torch-fp16"], "torch-fp16 needs --device cuda"),
+    (["--model", "{pred}", "--backend", "torch-fp16"], "torch-fp16 (PyTorch eager fp16) needs --device cuda"),
     (["--model", "{pred}", "--backend", "onnx-trt-ep"], "onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda"),
     (["--model", "{pred}", "--seq-lens", "600"], "--seq-lens 600 exceeds what"),
     (["--model", "{pred}", "--batch-sizes", "1,x"], "--batch-sizes takes comma-separated integers"),

@@ -6,10 +6,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from export.api import export_model
-from export.runtime import TextClassifier, load_runner
-from export.trt import Profile
-from export.validate import ShapeMismatch, ValuesMismatch, validate
+from theseus_deploy.export.api import export_model
+from theseus_deploy.export.runtime import TextClassifier, load_runner
+from theseus_deploy.export.trt import Profile
+from theseus_deploy.export.validate import ShapeMismatch, ValuesMismatch, validate
 from theseus_deploy.cli import cli
 from theseus_deploy.errors import UsageError
 
@@ -172,7 +172,7 @@ def test_trt_engine_builds_and_matches(tiny_bert, tmp_path):
 
 
 def test_task_level_check(tiny_bert, tmp_path, glue_dir):
-    from export.validate import TaskMetricDrop, check_task_drop
+    from theseus_deploy.export.validate import TaskMetricDrop, check_task_drop
 
     check_task_drop("onnx-int8", 0.905, 0.91)  # half a point: allowed
     with pytest.raises(TaskMetricDrop, match=r"onnx-int8: dev score 0.8900 is 0.0200 below PyTorch's 0.9100"):
@@ -185,7 +185,7 @@ def test_task_level_check(tiny_bert, tmp_path, glue_dir):
 
 
 def test_validation_inputs_are_padded_like_real_batches():
-    from export.runtime import _random_ids
+    from theseus_deploy.export.runtime import _random_ids
 
     raw = _random_ids(8, 32, 1000, ["input_ids", "attention_mask"], seed=3, padded=True)
     lengths = raw["attention_mask"].sum(1)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from theseus_deploy.errors import UsageError
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
-EXPORT_FORMAT = {"onnx-trt-ep": "onnx-fp16-trt"}  # the artifact a backend runs, when its name differs
+from theseus_deploy.registry import BACKENDS, export_format
 # Models whose position ids start after the padding index (max_position_embeddings includes the offset)
 POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
 
@@ -61,31 +60,27 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
 
 
 def check_backends(backends, device: str):
+    from theseus_deploy.export.runtime import check_device
+
     for b in backends:
         if b not in BACKENDS:
             raise UsageError(f"unknown backend '{b}': choose from {', '.join(BACKENDS)}")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device '{device}' (cpu, cuda)")
+    for b in backends:
+        check_device(b, device)
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
     if "trt" in backends:
-        from export.trt import check_trt_available
+        from theseus_deploy.export.trt import check_trt_available
 
         check_trt_available()
-        if device != "cuda":
-            raise UsageError("backend trt (a TensorRT engine) needs --device cuda")
-    if "torch-fp16" in backends and device != "cuda":
-        raise UsageError("backend torch-fp16 needs --device cuda (on CPU use torch-bf16)")
-    if "onnx-trt-ep" in backends and device != "cuda":
-        raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
     if device == "cuda":  # say it now, not after every model was exported
-        from export.runtime import check_ort_provider
+        from theseus_deploy.export.runtime import check_ort_provider
 
         for b in backends:
-            if b.startswith("onnx"):
+            if (BACKENDS[b].format or "").startswith("onnx"):
                 check_ort_provider(b)
 
 
@@ -120,8 +115,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     import torch
     from tqdm.auto import tqdm
 
-    from export.api import export_model
-    from export.runtime import TorchRunner, load_runner
+    from theseus_deploy.export.api import export_model
+    from theseus_deploy.export.runtime import TorchRunner, load_runner
 
     from . import gate as G
     from .env import environment
@@ -143,7 +138,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             if max_seq > cfg_max:
                 raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max})")
         entries = []
-        onnx_formats = list(dict.fromkeys(EXPORT_FORMAT.get(b, b) for b in backends if b.startswith("onnx") or b == "trt"))
+        onnx_formats = list(dict.fromkeys(export_format(b) for b in backends if export_format(b)))
         for sp in specs:
             art_dir = None
             if onnx_formats:
@@ -151,7 +146,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                 export_model(sp["path"], onnx_formats, str(art_dir), max_batch_size=max(bs + [traffic_batch_size]),
                              max_seq_length=max_seq, threads=threads)
             for b in backends:
-                if b.startswith("torch"):
+                if export_format(b) is None:
                     from theseus_deploy.hf import load_classifier
 
                     runner = TorchRunner(load_classifier(sp["path"]), b, device, threads)

@@ -1,6 +1,8 @@
 """`theseus-deploy bench`: click only at import time; the work is in bench.api."""
 import click
 
+from theseus_deploy.registry import BACKENDS
+
 
 @click.command(name="bench")
 @click.option("--model", "models", multiple=True, required=True,
@@ -8,9 +10,9 @@ import click
                    "A config-only folder (e.g. ../shared/models/bert-base-uncased) gets random weights.")
 @click.option("--layers", multiple=True, type=int, help="Random-init depth for the models (one value, or one per --model).")
 @click.option("--backend", "backends", multiple=True,
-              type=click.Choice(["torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt"]),
-              help="Backend(s) to time; repeat for several. Default: torch. onnx-trt-ep: the fp16 graph on ONNX "
-                   "Runtime's TensorRT execution provider; trt: a TensorRT engine (both --device cuda).")
+              type=click.Choice(list(BACKENDS)),
+              help="Backend(s) to time; repeat for several. Default: torch. "
+                   + "; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--seq-lens", default="32,128,384", show_default=True, help="Comma-separated sequence lengths.")
@@ -36,7 +38,7 @@ import click
 @click.option("--overwrite/--no-overwrite", default=False)
 def bench(models, output, check, **kwargs):
     """Latency / throughput sweep over batch x sequence, every backend, predecessor vs successor."""
-    from bench.api import run_bench
+    from theseus_deploy.bench.api import run_bench
 
     results = run_bench(models, output, check=check, **kwargs)
     click.echo((click.open_file(f"{output}/report.md").read()))

@@ -1,12 +1,14 @@
 """`theseus-deploy export`: click only at import time; the work is in export.api."""
 import click
 
+from theseus_deploy.registry import FORMATS
+
 
 @click.command(name="export")
 @click.option("--model", required=True, help="Model folder (predecessor or successor) or hub id.")
 @click.option("--format", "formats", multiple=True, required=True,
-              type=click.Choice(["onnx", "onnx-int8", "onnx-fp16", "onnx-fp16-trt", "trt", "torch-bf16"]),
-              help="Artifact to build; repeat for several. torch-bf16 writes nothing but is validated like one.")
+              type=click.Choice(list(FORMATS)),
+              help="Artifact to build; repeat for several: " + "; ".join(f"{f.name}: {f.help}" for f in FORMATS.values()))
 @click.option("--output", required=True, help="Output folder: one file per format, manifest.json, config and tokenizer.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 or higher).")
 @click.option("--max-batch-size", default=32, show_default=True, type=int, help="Largest batch (TensorRT profile max).")
@@ -30,8 +32,8 @@ def export(model, formats, output, **kwargs):
     """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
     import json
 
-    from export.api import export_model
-    from export.validate import ValidationError
+    from theseus_deploy.export.api import export_model
+    from theseus_deploy.export.validate import ValidationError
     from theseus_deploy.errors import UsageError
 
     try:

@@ -17,9 +17,7 @@ import numpy as np
 
 from theseus_deploy.errors import UsageError
 
-BACKENDS = ("torch", "torch-bf16", "torch-fp16", "onnx", "onnx-int8", "onnx-fp16", "onnx-trt-ep", "trt")
-ARTIFACT = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx",
-            "onnx-trt-ep": "model-fp16-trt.onnx", "trt": "model-fp16.plan"}
+from theseus_deploy.registry import BACKENDS, DEVICES, artifact_file, export_format
 
 
 def _random_ids(batch_size: int, seq_len: int, vocab_size: int, names, seed: int = 0, padded: bool = False) -> dict:
@@ -73,8 +71,7 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
         if device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-        if backend == "torch-fp16" and device == "cpu":
-            raise UsageError("backend torch-fp16 needs --device cuda (fp16 matmuls are slow or missing on CPU; use torch-bf16)")
+        check_device(backend, device)
         self.torch = torch
         self.dtype = getattr(torch, self.DTYPES[backend])
         self.model = model.to(device=device, dtype=self.dtype).eval()
@@ -115,9 +112,8 @@ class OrtRunner(Runner):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             if backend == "onnx-trt-ep":  # the plain fp16 graph: TensorRT takes all of it
                 providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path))))
-        elif backend == "onnx-trt-ep":
-            raise UsageError("backend onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda")
         else:
+            check_device(backend, device)
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         if device == "cuda" and need not in self.session.get_providers():
@@ -185,10 +181,20 @@ def _manifest_artifact(folder: Path, backend: str) -> Path | None:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         for art in json.loads(manifest.read_text()).get("artifacts", []):
-            if art["format"] == backend:
+            if art["format"] == export_format(backend):
                 return folder / art["file"]
-    cand = folder / ARTIFACT.get(backend, "")
+    cand = folder / (artifact_file(backend) or "")
     return cand if cand.is_file() else None
+
+
+def check_device(backend: str, device: str) -> None:
+    """UsageError unless `backend` runs on `device` (from the registry)."""
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}' ({', '.join(DEVICES)})")
+    spec = BACKENDS.get(backend)  # export validates formats (e.g. onnx-fp16-trt) on the CPU session too
+    if spec is not None and device not in spec.devices:
+        raise UsageError(f"backend {backend} ({BACKENDS[backend].help}) needs --device "
+                         f"{' or '.join(BACKENDS[backend].devices)}")
 
 
 def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
@@ -196,11 +202,10 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
     """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"unknown device '{device}' (cpu, cuda)")
+    check_device(backend, device)
     from theseus_deploy.hf import load_classifier, load_config
 
-    if backend.startswith("torch"):
+    if BACKENDS[backend].format is None:
         return TorchRunner(load_classifier(model), backend, device, threads)
     path = Path(artifact) if artifact else _manifest_artifact(Path(model), backend)
     if path is None or not path.is_file():

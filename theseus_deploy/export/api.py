@@ -20,11 +20,9 @@ from pathlib import Path
 
 from theseus_deploy.errors import UsageError
 
-FORMATS = ("onnx", "onnx-int8", "onnx-fp16", "onnx-fp16-trt", "trt", "torch-bf16")
-FILES = {"onnx": "model.onnx", "onnx-int8": "model-int8.onnx", "onnx-fp16": "model-fp16.onnx",
-         "onnx-fp16-trt": "model-fp16-trt.onnx", "trt": "model-fp16.plan"}
-NEEDS = {"onnx": [], "onnx-int8": ["onnx"], "onnx-fp16": [], "onnx-fp16-trt": [], "trt": ["onnx-fp16-trt"],
-         "torch-bf16": []}
+from theseus_deploy.registry import FORMATS
+
+FILES = {name: f.file for name, f in FORMATS.items() if f.file}
 
 
 def _sha256(path: Path) -> str:
@@ -60,7 +58,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
 
     formats = list(dict.fromkeys(formats))
     if not formats:
-        raise UsageError("no --format given (onnx, onnx-int8, onnx-fp16, trt, torch-bf16)")
+        raise UsageError(f"no --format given ({', '.join(FORMATS)})")
     for f in formats:
         if f not in FORMATS:
             raise UsageError(f"unknown format '{f}': choose from {', '.join(FORMATS)}")
@@ -91,7 +89,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
 
     todo = []
     for f in formats:  # dependencies first
-        todo += [d for d in NEEDS[f] if d not in todo] + ([f] if f not in todo else [])
+        todo += [d for d in FORMATS[f].needs if d not in todo] + ([f] if f not in todo else [])
     manifest = {"source_model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
                 "model_type": config.model_type, "num_layers": config.num_hidden_layers,
                 "opset": opset, "profile": profile.as_dict(), "artifacts": [], "versions": _versions(),
