@@ -42,6 +42,23 @@ class LazyGroup(click.Group):
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's own usage errors (a bad choice, a missing option) also become one `error:` line, exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(0)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -58,17 +75,22 @@ def _click_type(tp, choices):
 
 
 def options_from(cls, required: tuple[str, ...] = ()):
-    """Decorate a click command with one option per dataclass field (help from metadata)."""
+    """Decorate a click command with one option per dataclass field: name, type, choices, help and
+    repeatability come from the field and its metadata (theseus_deploy/config.py), for every command."""
     hints = typing.get_type_hints(cls)
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
             meta = f.metadata
-            name = "--" + f.name.replace("_", "-")
+            name = meta.get("flag") or "--" + f.name.replace("_", "-")
             tp = hints[f.name]
             if tp is bool:
-                fn = click.option(f"{name}/--no-{f.name.replace('_', '-')}", f.name, default=f.default,
-                                  show_default=True, help=meta.get("help"))(fn)
+                decls = name if "/" in name else f"{name}/--no-{name[2:]}"
+                fn = click.option(decls, f.name, default=f.default, show_default=True, help=meta.get("help"))(fn)
+            elif meta.get("multiple"):
+                elem = _click_type((typing.get_args(tp) or (str,))[0], meta.get("choices"))
+                fn = click.option(name, f.name, type=elem, multiple=True, required=f.name in required,
+                                  help=meta.get("help"))(fn)
             else:
                 fn = click.option(name, f.name, type=_click_type(tp, meta.get("choices")), default=f.default,
                                   required=f.name in required, show_default=f.default is not None,

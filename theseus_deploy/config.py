@@ -6,51 +6,108 @@ Only the standard library is imported here: `theseus-deploy --help` must stay in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+from .errors import UsageError
 
-def opt(default, help: str, choices=None, flag: str | None = None, multiple: bool = False):
-    """A dataclass field that also describes its CLI option."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "multiple": multiple})
+
+def opt(default, help: str, choices=None, flag: str | None = None, multiple: bool = False, *,
+        resume: bool = False, ge=None, gt=None, le=None, lt=None, allow_inf: bool = False):
+    """A dataclass field that also describes its CLI option and what values it accepts.
+
+    flag: the option's name(s) when they differ from the field's (`--format`, `--validate/--no-validate`);
+    multiple: a repeatable option (a tuple); resume: the field decides the training trajectory (data
+    order, draws, p, lr, what is evaluated and kept), so `--resume` refuses a changed value;
+    ge/gt/le/lt: bounds checked by `check()` for every command; floats must also be finite
+    unless allow_inf.
+    """
+    meta = {"help": help, "choices": choices, "flag": flag, "multiple": multiple, "resume": resume,
+            "ge": ge, "gt": gt, "le": le, "lt": lt, "allow_inf": allow_inf}
+    if multiple and default is None:
+        default = ()
+    return field(default=default, metadata=meta)
+
+
+def _bounds_text(meta) -> str:
+    parts = [f"{sym} {meta[k]}" for k, sym in (("gt", "greater than"), ("ge", "at least"), ("lt", "less than"), ("le", "at most")) if meta[k] is not None]
+    return " and ".join(parts)
+
+
+def check(cfg) -> None:
+    """Refuse out-of-range numbers (from each field's metadata) with one UsageError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if not meta or value is None or isinstance(value, bool):
+            continue
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        flag = "--" + f.name.replace("_", "-")
+        for v in values:
+            if not isinstance(v, (int, float)):
+                continue
+            if isinstance(v, float) and (math.isnan(v) or (math.isinf(v) and not meta.get("allow_inf"))):
+                raise UsageError(f"{flag} must be a finite number, got {v}")
+            bad = ((meta.get("ge") is not None and not v >= meta["ge"]) or (meta.get("gt") is not None and not v > meta["gt"])
+                   or (meta.get("le") is not None and not v <= meta["le"]) or (meta.get("lt") is not None and not v < meta["lt"]))
+            if bad:
+                raise UsageError(f"{flag} must be {_bounds_text(meta)}, got {v}")
+        if meta.get("choices") and not meta.get("multiple") and isinstance(value, str):
+            if value not in meta["choices"]:
+                raise UsageError(f"{flag} must be one of {', '.join(meta['choices'])}, got '{value}'")
+
+
+def resume_fields(cfg_or_cls) -> list[str]:
+    """The fields a resumed run must share with the checkpoint's (marked `resume=True`)."""
+    return [f.name for f in dataclasses.fields(cfg_or_cls) if f.metadata.get("resume")]
+
+
+class Checked:
+    """Mixin: a config is range-checked when it is built, wherever it is built (CLI, scripts, tests)."""
+
+    def __post_init__(self):
+        check(self)
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the examples come from: a GLUE task (local glue_data folder or the hub), or the user's own files."""
 
-    task: str = opt(None, "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom'.")
-    data_dir: str | None = opt(None, "Local glue_data folder. Default: $THESEUS_DATA_DIR, else ../shared/data/glue if it exists, else the hub.")
-    train_file: str | None = opt(None, "--task custom: training file (.csv, .tsv, .json/.jsonl).")
-    validation_file: str | None = opt(None, "--task custom: validation file (.csv, .tsv, .json/.jsonl).")
-    text_columns: str | None = opt(None, "--task custom: one or two text columns, comma-separated (a or a,b).")
-    label_column: str | None = opt(None, "--task custom: the label column.")
+    task: str = opt(None, "GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli) or 'custom'.", resume=True)
+    data_dir: str | None = opt(None, "Local glue_data folder. Default: $THESEUS_DATA_DIR, else ../shared/data/glue if it exists, else the hub.",
+                               resume=True)
+    train_file: str | None = opt(None, "--task custom: training file (.csv, .tsv, .json/.jsonl).", resume=True)
+    validation_file: str | None = opt(None, "--task custom: validation file (.csv, .tsv, .json/.jsonl).", resume=True)
+    text_columns: str | None = opt(None, "--task custom: one or two text columns, comma-separated (a or a,b).", resume=True)
+    label_column: str | None = opt(None, "--task custom: the label column.", resume=True)
     problem_type: str = opt("auto", "--task custom: classification, regression, or auto (inferred from the labels).",
-                            choices=["auto", "classification", "regression"])
-    max_seq_length: int = opt(128, "Truncate inputs to this many tokens.")
-    max_train_samples: int | None = opt(None, "Use only the first N training examples (quick runs).")
-    max_eval_samples: int | None = opt(None, "Use only the first N evaluation examples (quick runs).")
+                            choices=["auto", "classification", "regression"], resume=True)
+    max_seq_length: int = opt(128, "Truncate inputs to this many tokens.", resume=True, ge=1)
+    max_train_samples: int | None = opt(None, "Use only the first N training examples (quick runs).", resume=True, ge=1)
+    max_eval_samples: int | None = opt(None, "Use only the first N evaluation examples (quick runs).", resume=True, ge=1)
 
 
 @dataclass
 class TrainConfig(DataConfig):
     """Shared by finetune and compress."""
 
-    model: str = opt(None, "Model: a local folder or a hub id.")
+    model: str = opt(None, "Model: a local folder or a hub id.", resume=True)
     output: str = opt(None, "Output folder (a plain Hugging Face model folder).")
-    epochs: float | None = opt(None, "Training epochs. Default: scaled with the data set (see README).")
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).")
-    lr: float | None = opt(None, "Peak learning rate (AdamW, linear warm-up then decay).")
-    weight_decay: float = opt(0.01, "AdamW weight decay.")
-    warmup_ratio: float = opt(0.06, "Fraction of steps for linear warm-up.")
-    batch_size: int = opt(32, "Training batch size (per device).")
-    eval_batch_size: int = opt(64, "Evaluation batch size.")
-    eval_steps: int | None = opt(None, "Evaluate on dev every N steps (default: once per epoch); the best checkpoint is kept.")
-    save_steps: int | None = opt(None, "Write a resumable checkpoint every N steps (default: same as --eval-steps).")
-    early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement.")
-    seed: int = opt(42, "Random seed (data order, dropout, replacement draws).")
-    mixed_precision: str = opt("no", "Mixed precision via accelerate.", choices=["no", "fp16", "bf16"])
+    epochs: float | None = opt(None, "Training epochs. Default: scaled with the data set (see README).", resume=True, gt=0)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", resume=True, ge=1)
+    lr: float | None = opt(None, "Peak learning rate (AdamW, linear warm-up then decay).", resume=True, gt=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay.", resume=True, ge=0)
+    warmup_ratio: float = opt(0.06, "Fraction of steps for linear warm-up.", resume=True, ge=0, lt=1)
+    batch_size: int = opt(32, "Training batch size (per device).", resume=True, ge=1)
+    eval_batch_size: int = opt(64, "Evaluation batch size.", ge=1)
+    eval_steps: int | None = opt(None, "Evaluate on dev every N steps (default: once per epoch); the best checkpoint is kept.",
+                                 resume=True, ge=1)
+    save_steps: int | None = opt(None, "Write a resumable checkpoint every N steps (default: same as --eval-steps).",
+                                 resume=True, ge=1)
+    early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement.", resume=True, ge=1)
+    seed: int = opt(42, "Random seed (data order, dropout, replacement draws).", resume=True)
+    mixed_precision: str = opt("no", "Mixed precision via accelerate.", choices=["no", "fp16", "bf16"], resume=True)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
-    log_steps: int = opt(10, "Log training loss every N steps.")
+    log_steps: int = opt(10, "Log training loss every N steps.", ge=1)
 
 
 @dataclass
@@ -59,29 +116,33 @@ class FinetuneConfig(TrainConfig):
 
     # Plain fine-tuning learns fast: 3 epochs is the BERT paper's budget, with a floor in steps
     # so that tiny data sets still get enough updates.
-    min_steps: int = opt(300, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).")
-    max_epochs: int = opt(10, "Cap on the epochs chosen by the default budget.")
-    freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (0: train everything).")
-    keep_layers: int | None = opt(None, "Keep only the bottom N layers before training (the truncation baseline).")
+    min_steps: int = opt(300, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).",
+                         resume=True, ge=1)
+    max_epochs: int = opt(10, "Cap on the epochs chosen by the default budget.", resume=True, ge=1)
+    freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (0: train everything).", resume=True, ge=0)
+    keep_layers: int | None = opt(None, "Keep only the bottom N layers before training (the truncation baseline).",
+                                  resume=True, ge=1)
 
 
 @dataclass
 class CompressConfig(TrainConfig):
     """Compress a fine-tuned predecessor into a shallower successor with BERT-of-Theseus."""
 
-    successor_layers: int | None = opt(None, "Successor depth n (default: half the predecessor's layers, rounded up).")
+    successor_layers: int | None = opt(None, "Successor depth n (default: half the predecessor's layers, rounded up).",
+                                       resume=True, ge=1)
     init: str = opt("bottom", "Successor initialisation: the predecessor's bottom n layers (paper), top n, or uniformly spaced.",
-                    choices=["bottom", "top", "uniform"])
+                    choices=["bottom", "top", "uniform"], resume=True)
     scheduler: str = opt("linear", "Replacement-rate schedule: linear p=min(1,k*t+b); constant p=b then 1; anti (decreasing, ablation).",
-                         choices=["linear", "constant", "anti"])
-    replacing_rate: float = opt(0.3, "b: the replacement probability at step 0 (paper: 0.3).")
-    steps_to_full: int | None = opt(None, "Steps until p reaches 1 (default: half the training steps).")
-    k: float | None = opt(None, "Slope k of the linear schedule (instead of --steps-to-full).")
-    unfreeze_head: bool = opt(False, "Train the pooler/classifier too once p has reached 1 (successor-only phase).")
+                         choices=["linear", "constant", "anti"], resume=True)
+    replacing_rate: float = opt(0.3, "b: the replacement probability at step 0 (paper: 0.3).", resume=True, ge=0, le=1)
+    steps_to_full: int | None = opt(None, "Steps until p reaches 1 (default: half the training steps).", resume=True, ge=1)
+    k: float | None = opt(None, "Slope k of the linear schedule (instead of --steps-to-full).", resume=True, gt=0)
+    unfreeze_head: bool = opt(False, "Train the pooler/classifier too once p has reached 1 (successor-only phase).", resume=True)
     # The frozen head makes Theseus slower to converge than fine-tuning (MRPC, MiniLM 6->3: 3
     # epochs stayed at the majority class, 10 epochs learned): a larger floor in steps.
-    min_steps: int = opt(1500, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).")
-    max_epochs: int = opt(20, "Cap on the epochs chosen by the default budget.")
+    min_steps: int = opt(1500, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).",
+                         resume=True, ge=1)
+    max_epochs: int = opt(20, "Cap on the epochs chosen by the default budget.", resume=True, ge=1)
     resume: bool = opt(False, "Continue from the last checkpoint in <output>.partial/ with the same schedule.")
 
 
@@ -92,9 +153,84 @@ class EvaluateConfig(DataConfig):
     model: str = opt(None, "Model: a local folder or a hub id.")
     split: str = opt("dev", "Split to score: dev (MNLI: dev = matched), dev_mismatched (MNLI), or train.",
                      choices=["dev", "dev_mismatched", "train"])
-    batch_size: int = opt(64, "Evaluation batch size.")
+    batch_size: int = opt(64, "Evaluation batch size.", ge=1)
     json: bool = opt(False, "Print the metrics as JSON.")
     output: str | None = opt(None, "Also write the metrics JSON to this file.")
+
+
+def _formats():
+    from .registry import FORMATS
+
+    return list(FORMATS)
+
+
+def _backends():
+    from .registry import BACKENDS
+
+    return list(BACKENDS)
+
+
+@dataclass
+class ExportConfig(Checked):
+    """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
+
+    model: str = opt(None, "Model folder (predecessor or successor) or hub id.")
+    formats: tuple[str, ...] = opt((), "Artifact to build; repeat for several (see the formats below).", choices=_formats(),
+                         flag="--format", multiple=True)
+    output: str = opt(None, "Output folder: one file per format, manifest.json, config and tokenizer.")
+    opset: int = opt(17, "ONNX opset (17 or higher).", ge=17)
+    max_batch_size: int = opt(32, "Largest batch (TensorRT profile max).", ge=1)
+    max_seq_length: int = opt(512, "Longest sequence (TensorRT profile max; capped at the model's position limit).", ge=1)
+    opt_batch_size: int | None = opt(None, "TensorRT profile opt batch (default: max/2).", ge=1)
+    opt_seq_length: int | None = opt(None, "TensorRT profile opt sequence length (default: max/2).", ge=1)
+    validate: bool = opt(True, "Check every artifact against PyTorch.")
+    atol: float | None = opt(None, "Absolute tolerance on logits (default per format: fp32 1e-4, fp16 2e-2, "
+                                   "int8/bf16 50% of the largest logit).", gt=0)
+    task: str | None = opt(None, "Also score each artifact on this task's dev set next to PyTorch.")
+    data_dir: str | None = opt(None, "Local glue_data folder for --task.")
+    max_eval_samples: int | None = opt(None, "Score only the first N dev examples.", ge=1)
+    max_task_drop: float = opt(0.01, "With --task: fail if an artifact's dev score is more than this below PyTorch's "
+                                     "(0.01 = 1 point).", ge=0, le=1)
+    int8_per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
+                                 flag="--int8-per-channel/--int8-per-tensor")
+    int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
+    threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
+    overwrite: bool = opt(False, "Replace a non-empty output folder.")
+
+
+@dataclass
+class BenchConfig(Checked):
+    """Latency / throughput sweep over batch x sequence, every backend, predecessor vs successor."""
+
+    models: tuple[str, ...] = opt((), "Model folder or hub id; repeat: the first is the predecessor, the others are compared "
+                            "with it. A config-only folder (e.g. ../shared/models/bert-base-uncased) gets random weights.",
+                        flag="--model", multiple=True)
+    layers: tuple[int, ...] = opt((), "Random-init depth for the models (one value, or one per --model).", multiple=True, ge=1)
+    backends: tuple[str, ...] = opt((), "Backend(s) to time; repeat for several. Default: torch.", choices=_backends(),
+                          flag="--backend", multiple=True)
+    device: str = opt("cpu", "Device to run on.", choices=["cpu", "cuda"])
+    batch_sizes: str = opt("1,8,32", "Comma-separated batch sizes.")
+    seq_lens: str = opt("32,128,384", "Comma-separated sequence lengths.")
+    warmup: int = opt(3, "Warm-up calls per runner and shape.", ge=0)
+    iterations: int = opt(10, "At least this many timed calls per cell.", ge=1)
+    min_seconds: float = opt(0.5, "And at least this many seconds per cell.", ge=0)
+    rounds: int = opt(5, "Interleaved rounds per shape (paired ratios).", ge=1)
+    threads: int | None = opt(None, "CPU threads (torch and ONNX Runtime); recorded.", ge=1)
+    output: str = opt(None, "Folder for results.json, results.csv, report.md and plots.")
+    check: str | None = opt(None, "Baseline JSON: fail (exit 1) if a speedup ratio regressed beyond --tolerance.")
+    tolerance: float = opt(0.1, "Allowed relative drop of a ratio.", ge=0, lt=1)
+    update_baseline: str | None = opt(None, "Write this run's ratios as a baseline JSON here.")
+    task: str | None = opt(None, "Real traffic: time the whole dev set of this task.")
+    data_dir: str | None = opt(None, "Local glue_data folder for --task.")
+    train_file: str | None = opt(None, "--task custom: training file (defines the label set).")
+    validation_file: str | None = opt(None, "--task custom: the file whose texts are timed.")
+    text_columns: str | None = opt(None, "--task custom: text column(s), a[,b].")
+    label_column: str | None = opt(None, "--task custom: label column.")
+    max_eval_samples: int | None = opt(None, "Real traffic: only the first N dev examples.", ge=1)
+    traffic_batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
+    traffic_max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
+    traffic_rounds: int = opt(1, "Real traffic: interleaved rounds.", ge=1)
+    overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
 
 def to_dict(cfg) -> dict:

@@ -291,15 +291,11 @@ class Recipe:
     def restore_extra(self, state: dict):
         pass
 
-    # A resumed run must be the same run: these decide data order, draws, p and lr at every step.
-    RESUME_KEYS = ("model", "task", "data_dir", "train_file", "validation_file", "text_columns", "label_column",
-                   "max_steps", "epochs", "min_steps", "max_epochs", "batch_size", "max_seq_length", "seed",
-                   "lr", "successor_layers", "init", "scheduler", "replacing_rate", "steps_to_full", "k",
-                   "unfreeze_head", "warmup_ratio", "weight_decay", "max_train_samples", "mixed_precision")
-
     def check_resume_config(self, saved: dict):
+        """A resumed run must be the same run: the fields marked `resume=True` in config.py decide
+        data order, draws, p, lr and what is evaluated and kept at every step."""
         now = C.to_dict(self.cfg)
-        diff = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in self.RESUME_KEYS
+        diff = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in C.resume_fields(self.cfg)
                 if k in saved and k in now and saved[k] != now[k]]
         if diff:
             raise UsageError("--resume with settings that differ from the checkpoint's run: " + ", ".join(diff))
