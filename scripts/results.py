@@ -26,8 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TD = [sys.executable, "-m", "theseus_deploy"]
-# CPU budget per task (2 cores): sequence length fits the task's texts; steps keep each task
-# within about an hour. They are recorded in summary.json and in the report.
+# --profile cpu: the budget that fits 2 CPU cores (about an hour per task). Fixed step counts.
 BUDGET = {  # task: (max_seq_length, finetune steps, compress steps, batch size)
     "sst2": (64, 600, 1200, 32),
     "cola": (64, 600, 1200, 32),
@@ -35,14 +34,42 @@ BUDGET = {  # task: (max_seq_length, finetune steps, compress steps, batch size)
     "stsb": (128, 540, 1200, 32),   # 3 epochs / ~6.7 epochs
     "rte": (128, 240, 780, 32),     # 3 / 10 epochs
 }
+# --profile full: predecessors fine-tuned for whole epochs (SST-2 one epoch at seq 64, several on
+# the small tasks); the 3-layer runs get the number of steps compress's default budget picks for
+# the task (at least 3 epochs and --min-steps, at most --max-epochs), SST-2 one epoch (3 epochs of
+# 67k sentences would triple the cost for little: see docs/results.md). Every 3-layer method of a
+# task gets the same steps and learning rate.
+FULL = {  # task: (max_seq_length, predecessor epochs, 3-layer epochs or None for the default budget, batch)
+    "sst2": (64, 1, 1, 32),
+    "cola": (64, 3, None, 32),
+    "mrpc": (128, 5, None, 32),
+    "stsb": (128, 5, None, 32),
+    "rte": (128, 5, None, 32),
+}
+PREDECESSOR_LR, SUCCESSOR_LR = "5e-5", "1e-4"
 METHODS = ("theseus", "constant", "truncation")
 # Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
 BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
               "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "5", "--min-seconds", "0.5"]
+# The ablation (`results.py ablation`): what closes the gap to truncation. Each variant is the
+# extra compress flags, given the run's step count S.
+VARIANTS = {
+    "default": lambda S: [],
+    "no-clip": lambda S: ["--max-grad-norm", "0"],
+    "unfreeze-head": lambda S: ["--unfreeze-head"],
+    "short-replacement": lambda S: ["--steps-to-full", max(1, S // 4)],
+    "long-replacement": lambda S: ["--steps-to-full", max(1, 3 * S // 4)],
+    "unfreeze-short": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4)],
+}
+
+
+DRY_RUN = False  # --dry-run: print the commands, run nothing
 
 
 def sh(args, log):
     print("+", " ".join(map(str, args)), flush=True)
+    if DRY_RUN:
+        return
     with open(log, "w") as f:
         subprocess.run(list(map(str, args)), check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -63,8 +90,32 @@ def ensure_model(model: str) -> str:
     return "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def run_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None):
-    seq, ft_steps, steps, bs = BUDGET[task]
+def default_steps(task, data_dir, batch_size, epochs=None) -> int:
+    """The step count `compress` picks for this task when given no --max-steps (its own rule)."""
+    import math
+
+    from theseus_deploy.config import CompressConfig
+    from theseus_deploy.data import load_task
+    from theseus_deploy.train import resolve_budget
+
+    n = len(load_task(task, data_dir, "train").labels)
+    spe = math.ceil(n / batch_size)
+    return resolve_budget(CompressConfig(task=task, epochs=epochs, batch_size=batch_size), n, spe)[0]
+
+
+def budget(task, profile, data_dir):
+    """(max_seq_length, predecessor budget flags, 3-layer steps, batch size) of a task."""
+    if profile == "cpu":
+        seq, ft_steps, steps, bs = BUDGET[task]
+        return seq, ["--max-steps", ft_steps], steps, bs
+    seq, ft_epochs, epochs, bs = FULL[task]
+    return seq, ["--epochs", ft_epochs], default_steps(task, data_dir, bs, epochs), bs
+
+
+def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
+              theseus_flags=(), constant=True):
+    """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs])."""
+    seq, pred_budget, steps, bs = budget(task, profile, data_dir)
     out = root / task / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
     # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
@@ -72,50 +123,157 @@ def run_task(task, model, root, seed, successor_layers, data_dir, predecessor_se
     pred_seed = seed if predecessor_seed is None else predecessor_seed
     pred_out = root / task / f"seed{pred_seed}"
     pred = pred_out / "predecessor"
+
     def flags(s):  # the options every run of this task shares, with seed s
         return ["--task", task, "--seed", s, "--max-seq-length", seq, "--batch-size", bs, "--overwrite",
                 *(["--data-dir", data_dir] if data_dir else [])]
     common = flags(seed)
     evals = max(1, steps // 5)
-    old = out / "summary.json"  # wall times of runs finished by an earlier invocation are kept
-    timings = json.loads(old.read_text()).get("seconds", {}) if old.is_file() else {}
-    pred_args = ["finetune", "--model", model, "--max-steps", ft_steps, "--lr", "5e-5",
-                 "--eval-steps", max(1, ft_steps // 3)]
+    pred_args = ["finetune", "--model", model, *pred_budget, "--lr", PREDECESSOR_LR]
+    if profile == "cpu":
+        pred_args += ["--eval-steps", max(1, pred_budget[1] // 3)]
     pred_common = flags(pred_seed)
-    if not (pred / "metrics.json").is_file():  # the predecessor first (its own seed)
+    pred_job = None
+    if not (pred / "metrics.json").is_file():
         pred_out.mkdir(parents=True, exist_ok=True)
-        t0 = time.time()
-        sh([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
-        if pred_seed == seed:
-            timings["predecessor"] = round(time.time() - t0, 1)
+        pred_job = ([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
+    lr = SUCCESSOR_LR if profile == "full" else None
+    theseus_flags = list(theseus_flags(steps) if callable(theseus_flags) else theseus_flags)
     runs = {
         "theseus": ["compress", "--model", pred, "--max-steps", steps, "--lr", "1e-4",
-                    "--successor-layers", successor_layers, "--eval-steps", evals],
+                    "--successor-layers", successor_layers, "--eval-steps", evals, *theseus_flags],
         "constant": ["compress", "--model", pred, "--max-steps", steps, "--lr", "1e-4",
                      "--successor-layers", successor_layers, "--scheduler", "constant", "--replacing-rate", "0.5",
-                     "--steps-to-full", steps // 2, "--eval-steps", evals],
+                     "--steps-to-full", steps // 2, "--eval-steps", evals,
+                     *[f for f in theseus_flags if f == "--unfreeze-head"]],
         "truncation": ["finetune", "--model", pred, "--keep-layers", successor_layers,
-                       "--max-steps", steps, "--lr", "5e-5", "--eval-steps", evals],
+                       "--max-steps", steps, "--lr", lr or "5e-5", "--eval-steps", evals],
     }
-    for name, args in runs.items():
-        if (out / name / "metrics.json").is_file():
-            continue
-        t0 = time.time()
-        sh([*TD, *args, *common, "--output", out / name], out / f"{name}.log")
-        timings[name] = round(time.time() - t0, 1)
-    summary = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
-               "budget": {"max_seq_length": seq, "finetune_steps": ft_steps, "compress_steps": steps, "batch_size": bs},
-               "predecessor_seed": pred_seed, "seconds": timings,
-               "commands": {"predecessor": " ".join(map(str, ["theseus-deploy", *pred_args, *pred_common, "--output", pred])),
-                            **{k: " ".join(map(str, ["theseus-deploy", *v, *common, "--output", out / k]))
-                               for k, v in runs.items()}}}
+    if not constant:
+        runs.pop("constant")
+    jobs = [(name, [*TD, *args, *common, "--output", out / name], out / f"{name}.log")
+            for name, args in runs.items() if not (out / name / "metrics.json").is_file()]
+    meta = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
+            "budget": {"profile": profile, "max_seq_length": seq, "predecessor": " ".join(map(str, pred_budget)),
+                       "compress_steps": steps, "batch_size": bs},
+            "predecessor_seed": pred_seed,
+            "commands": {"predecessor": " ".join(map(str, ["theseus-deploy", *pred_args, *pred_common, "--output", pred])),
+                         **{k: " ".join(map(str, ["theseus-deploy", *v, *common, "--output", out / k]))
+                            for k, v in runs.items()}}}
+    return pred_job, jobs, meta
+
+
+def summarize(root, meta, timings):
+    out = root / meta["task"] / f"seed{meta['seed']}"
+    pred = root / meta["task"] / f"seed{meta['predecessor_seed']}" / "predecessor"
+    old = out / "summary.json"  # wall times of runs finished by an earlier invocation are kept
+    summary = {**meta, "seconds": {**(json.loads(old.read_text()).get("seconds", {}) if old.is_file() else {}),
+                                   **timings}}
     summary["predecessor"] = json.loads((pred / "metrics.json").read_text())["dev"]
-    for name in runs:
+    for name in meta["commands"]:
+        if name == "predecessor":
+            continue
         m = json.loads((out / name / "metrics.json").read_text())
         summary[name] = m["dev"]
         summary.setdefault("predecessor_layers", m.get("predecessor_layers"))  # compress records the depth
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def timed(job, timings):
+    name, args, log = job
+    t0 = time.time()
+    sh(args, log)
+    timings[name] = round(time.time() - t0, 1)
+
+
+def run_tasks(pairs, model, root, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
+              theseus_flags=(), constant_seeds=None, n_jobs=1, predecessors_only=False):
+    """Every (task, seed) pair: predecessors first, then the 3-layer methods, `n_jobs` at a time."""
+    plans = []
+    for task, seed in pairs:
+        constant = constant_seeds is None or seed in constant_seeds
+        plans.append(plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed, profile,
+                               theseus_flags, constant))
+    timings = {(m["task"], m["seed"]): {} for _, _, m in plans}
+    preds = {}
+    for pred_job, _, meta in plans:  # one predecessor per (task, predecessor seed)
+        if pred_job is not None:
+            preds[str(pred_job[0][-1])] = (pred_job, (meta["task"], meta["predecessor_seed"]))
+    _parallel([(("predecessor", *job), timings.setdefault(key, {})) for job, key in preds.values()], n_jobs)
+    if predecessors_only or DRY_RUN:
+        if DRY_RUN:
+            for _, jobs, _ in plans:
+                for _, args, log in jobs:
+                    sh(args, log)
+        return []
+    _parallel([(job, timings[(m["task"], m["seed"])]) for _, jobs, m in plans for job in jobs], n_jobs)
+    return [summarize(root, meta, timings[(meta["task"], meta["seed"])]) for _, _, meta in plans]
+
+
+def _parallel(items, n_jobs):
+    if n_jobs <= 1:
+        for job, t in items:
+            timed(job, t)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n_jobs) as pool:
+        for f in [pool.submit(timed, job, t) for job, t in items]:
+            f.result()
+
+
+def run_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
+             theseus_flags=(), constant=True):
+    """One (task, seed): the predecessor (unless finished), then Theseus, constant and truncation."""
+    return run_tasks([(task, seed)], model, root, successor_layers, data_dir, predecessor_seed, profile,
+                     theseus_flags, None if constant else set())[0]
+
+
+def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir, profile="full", n_jobs=1):
+    """Theseus with each variant's flags on the tasks' shared predecessors (seed 42 unless given),
+    into ROOT/ablation/<task>/<variant>-seed<seed>/; writes ROOT/ablation/summary.json."""
+    jobs, metas = [], []
+    for task in tasks:
+        pred_job, _, meta = plan_task(task, model, root, 42, successor_layers, data_dir, 42, profile, (), False)
+        if pred_job is not None:
+            _parallel([(("predecessor", *pred_job), {})], 1)
+        steps, seq, bs = meta["budget"]["compress_steps"], meta["budget"]["max_seq_length"], meta["budget"]["batch_size"]
+        pred = root / task / "seed42" / "predecessor"
+        for v in variants:
+            for seed in seeds:
+                out = root / "ablation" / task / f"{v}-seed{seed}"
+                args = [*TD, "compress", "--model", pred, "--task", task, "--seed", seed, "--max-seq-length", seq,
+                        "--batch-size", bs, "--max-steps", steps, "--lr", SUCCESSOR_LR,
+                        "--successor-layers", successor_layers, "--eval-steps", max(1, steps // 5), "--overwrite",
+                        *VARIANTS[v](steps), *(["--data-dir", data_dir] if data_dir else []), "--output", out]
+                metas.append({"task": task, "variant": v, "seed": seed, "out": out,
+                              "command": " ".join(map(str, ["theseus-deploy", *args[3:]]))})
+                if not (out / "metrics.json").is_file():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    jobs.append((f"{task}/{v}/{seed}", args, out.parent / f"{v}-seed{seed}.log"))
+    _parallel([(j, {}) for j in jobs], n_jobs)
+    rows = []
+    for m in metas:
+        score = json.loads((m["out"] / "metrics.json").read_text())["dev"]["score"]
+        pred = json.loads((root / m["task"] / "seed42" / "predecessor" / "metrics.json").read_text())["dev"]["score"]
+        rows.append({k: (str(v) if k == "out" else v) for k, v in m.items()} | {"score": score, "predecessor": pred})
+    summary = {"rows": rows, "winner": ablation_winner(rows)}
+    (root / "ablation").mkdir(parents=True, exist_ok=True)
+    (root / "ablation" / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def ablation_winner(rows, tie=0.001):
+    """The variant with the best mean retention over (task, seed); within `tie` of the best, the
+    one with the fewest flags (the default first) wins, so a change of default must earn its place."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["variant"], []).append(r["score"] / r["predecessor"])
+    mean = {v: statistics.mean(x) for v, x in by.items()}
+    best = max(mean.values())
+    close = [v for v in mean if mean[v] >= best - tie]
+    return min(close, key=lambda v: (len(VARIANTS[v](1000)) if v in VARIANTS else 99, -mean[v]))
 
 
 def run_bench(task, root, seed):
@@ -150,6 +308,35 @@ def bench_lines(root: Path) -> list[str]:
     return lines
 
 
+def ablation_lines(root: Path) -> list[str]:
+    f = root / "ablation" / "summary.json"
+    if not f.is_file():
+        return []
+    a = json.loads(f.read_text())
+    rows = a["rows"]
+    tasks = sorted({r["task"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    lines = ["", "## Ablation: what closes the gap (`python scripts/results.py ablation`)", "",
+             "Theseus 3-layer dev score x100 on one predecessor per task, same steps and learning rate; mean over "
+             "seeds; retention = mean of score / predecessor.", "",
+             "| variant | flags | " + " | ".join(tasks) + " | mean retention |", "|---|---|" + "---|" * len(tasks) + "---|"]
+    for v in variants:
+        sel = [r for r in rows if r["variant"] == v]
+        cells = []
+        for t in tasks:
+            x = [r["score"] for r in sel if r["task"] == t]
+            cells.append(f"{100 * statistics.mean(x):.1f} ({len(x)})" if x else "-")
+        ret = statistics.mean(r["score"] / r["predecessor"] for r in sel)
+        flags = " ".join(map(str, VARIANTS[v]("S"))) if v in VARIANTS else "?"
+        lines.append(f"| {v}{' **(chosen)**' if v == a['winner'] else ''} | `{flags or '(defaults)'}` | "
+                     + " | ".join(cells) + f" | {100 * ret:.2f}% |")
+    lines += ["", "S = the run's step count. The chosen variant has the best mean retention; within 0.1 point of "
+                  "the best, the one with fewer flags wins. Commands:", "```"]
+    lines += sorted({r["command"] for r in rows if r["seed"] == rows[0]["seed"]})
+    lines.append("```")
+    return lines
+
+
 NOTES = "<!-- notes: written by hand below this line, kept by `results.py report` -->"
 
 
@@ -172,7 +359,7 @@ def report(root: Path, doc: Path):
     agg = {k: [] for k in ("predecessor", *METHODS)}
     wins = 0
     for task, runs in sorted(rows.items()):
-        med = {k: statistics.median(r[k]["score"] for r in runs) * 100 for k in agg}
+        med = {k: statistics.median(r[k]["score"] for r in runs if k in r) * 100 for k in agg}
         for k in agg:
             agg[k].append(med[k])
         win = med["theseus"] > med["truncation"]
@@ -193,7 +380,8 @@ def report(root: Path, doc: Path):
             for r in sorted(runs, key=lambda r: r["seed"]):
                 ps = r.get("predecessor_seed", r["seed"])
                 lines.append(f"| {task} | {r['seed']}{f' [{ps}]' if ps != r['seed'] else ''} | "
-                             + " | ".join(f"{100 * r[k]['score']:.1f}" for k in ("predecessor", "theseus", "truncation", "constant")) + " |")
+                             + " | ".join(f"{100 * r[k]['score']:.1f}" if k in r else "-"
+                                          for k in ("predecessor", "theseus", "truncation", "constant")) + " |")
     if rows:
         ret = [100 * t / p for t, p in zip(agg["theseus"], agg["predecessor"])]
         lines += ["", f"Retention of the macro average: {macro_ret:.1f}%; mean of the "
@@ -201,6 +389,7 @@ def report(root: Path, doc: Path):
     missing = [t for t in BUDGET if t not in rows]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python scripts/results.py run --tasks {','.join(missing)}`)."]
+    lines += ablation_lines(root)
     lines += bench_lines(root)
     lines += ["", "## Budgets and commands", ""]
     for task, runs in sorted(rows.items()):
@@ -209,7 +398,7 @@ def report(root: Path, doc: Path):
         seeds = ", ".join(str(x["seed"]) for x in runs)
         lines.append(f"**{task}**: {json.dumps(r['budget'])}; seeds {seeds}; wall seconds (seed {r['seed']}) {json.dumps(r['seconds'])}")
         lines.append("```")
-        lines += [r["commands"][k] for k in ("predecessor", *METHODS)]
+        lines += [r["commands"][k] for k in ("predecessor", *METHODS) if k in r["commands"]]
         lines.append("```")
     notes = ""
     if doc.is_file() and NOTES in doc.read_text():  # the hand-written reading survives a re-run
@@ -221,26 +410,52 @@ def report(root: Path, doc: Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["run", "bench", "report"])
+    ap.add_argument("what", choices=["run", "predecessors", "ablation", "bench", "report"])
     ap.add_argument("--tasks", default="mrpc,rte,stsb,cola,sst2")
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--predecessor-seed", type=int, default=None,
                     help="compress this seed's fine-tuned predecessor for every seed (default: each seed its own)")
+    ap.add_argument("--constant-seeds", default=None, help="run the constant-rate baseline only for these seeds")
+    ap.add_argument("--profile", choices=["cpu", "full"], default="cpu",
+                    help="cpu: step counts cut for 2 CPU cores; full: whole epochs and compress's default budget")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU trains several small models at once)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="ablation: variants to run")
+    ap.add_argument("--from-ablation", action="store_true",
+                    help="run: Theseus with the flags of the ablation's chosen variant (ROOT/ablation/summary.json)")
     ap.add_argument("--successor-layers", type=int, default=3)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands that would run")
     ap.add_argument("--root", default=str(REPO / "runs" / "results"))
     ap.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
     a = ap.parse_args()
     root = Path(a.root)
-    if a.what == "run":
+    tasks, seeds = a.tasks.split(","), [int(x) for x in a.seeds.split(",")]
+    global DRY_RUN
+    DRY_RUN = a.dry_run
+    if a.what in ("run", "predecessors", "ablation"):
         a.model = ensure_model(a.model)
-        for task in a.tasks.split(","):
-            for seed in a.seeds.split(","):
-                run_task(task, a.model, root, int(seed), a.successor_layers, a.data_dir, a.predecessor_seed)
+    if a.what == "predecessors":  # every task's predecessor at once (then `ablation` and `run` share them)
+        run_tasks([(t, a.predecessor_seed or seeds[0]) for t in tasks], a.model, root, a.successor_layers, a.data_dir,
+                  a.predecessor_seed, a.profile, n_jobs=a.jobs, predecessors_only=True)
+        return
+    if a.what == "ablation":
+        print(json.dumps(run_ablation(tasks, seeds, a.variants.split(","), a.model, root, a.successor_layers,
+                                      a.data_dir, a.profile, a.jobs)["winner"]))
+    if a.what == "run":
+        flags = ()
+        if a.from_ablation:
+            f = root / "ablation" / "summary.json"
+            winner = json.loads(f.read_text())["winner"] if f.is_file() else "default"
+            print(f"Theseus flags from the ablation: {winner}" + ("" if f.is_file() else f" ({f} missing)"), flush=True)
+            flags = VARIANTS[winner]
+        const = None if a.constant_seeds is None else {int(x) for x in a.constant_seeds.split(",")}
+        run_tasks([(t, s) for t in tasks for s in seeds], a.model, root, a.successor_layers, a.data_dir,
+                  a.predecessor_seed, a.profile, flags, const, a.jobs)
     if a.what == "bench":
-        run_bench(a.tasks.split(",")[0], root, a.seeds.split(",")[0])
-    report(root, Path(a.doc))
+        run_bench(tasks[0], root, seeds[0])
+    if not DRY_RUN:
+        report(root, Path(a.doc))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,39 @@ def test_report_medians_retention_wins_and_notes(results, tmp_path):
     assert "| rte | 44 [42] | 60.0 | 52.0 | 56.0 | 54.0 |" in text  # per-seed table
     assert "old table" not in text and text.rstrip().endswith("my reading")  # hand notes kept
     assert "Not run yet: cola, mrpc, stsb " in text
+
+
+def test_full_profile_uses_compress_default_budget_and_parallel_order(results, tmp_path, monkeypatch):
+    """--profile full: the 3-layer step count is what compress's own default rule picks for the
+    task (3 epochs, at least 1500 steps, at most 20 epochs), shared by all three methods;
+    predecessors run before any method even with several jobs; --constant-seeds limits the baseline."""
+    glue = tmp_path / "glue" / "RTE"
+    glue.mkdir(parents=True)
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [f"{i}\ta b {i}\tc d\t{'entailment' if i % 2 else 'not_entailment'}"
+                                                   for i in range(320)]
+    (glue / "train.tsv").write_text("\n".join(rows) + "\n")
+    (glue / "dev.tsv").write_text("\n".join(rows[:9]) + "\n")
+    assert results.default_steps("rte", str(tmp_path / "glue"), 32) == 10 * 20  # 10 steps/epoch: capped at 20 epochs
+    calls = []
+    scores = {"predecessor": 0.80, "theseus": 0.78, "constant": 0.77, "truncation": 0.75}
+    monkeypatch.setattr(results, "sh", fake_sh(calls, scores))
+    out = results.run_tasks([("rte", 42), ("rte", 43)], "minilm", tmp_path / "runs", 3, str(tmp_path / "glue"),
+                            predecessor_seed=42, profile="full", theseus_flags=lambda S: ["--steps-to-full", S // 4],
+                            constant_seeds={42}, n_jobs=3)
+    names = [Path(c[c.index("--output") + 1]).name for c in calls]
+    assert names[0] == "predecessor" and names.count("predecessor") == 1
+    assert sorted(names[1:]) == ["constant", "theseus", "theseus", "truncation", "truncation"]
+    for c in calls[1:]:
+        assert c[c.index("--max-steps") + 1] == 200 and c[c.index("--lr") + 1] == "1e-4"  # same steps and lr
+    theseus = [c for c in calls if Path(c[c.index("--output") + 1]).name == "theseus"]
+    assert all(c[c.index("--steps-to-full") + 1] == 50 for c in theseus)
+    assert "constant" in out[0] and "constant" not in out[1]
+
+
+def test_ablation_winner_prefers_fewer_flags_within_a_tie(results):
+    rows = [{"variant": v, "score": s, "predecessor": 0.9}
+            for v, s in (("default", 0.850), ("default", 0.860), ("unfreeze-head", 0.8558), ("unfreeze-head", 0.8650),
+                         ("short-replacement", 0.80), ("short-replacement", 0.81))]
+    assert results.ablation_winner(rows) == "unfreeze-head"  # +0.3 point mean: more than the tie margin
+    rows[2]["score"], rows[3]["score"] = 0.8505, 0.8600  # now within 0.1 point of retention of the default
+    assert results.ablation_winner(rows) == "default"
