@@ -253,6 +253,8 @@ def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir
                     out.parent.mkdir(parents=True, exist_ok=True)
                     jobs.append((f"{task}/{v}/{seed}", args, out.parent / f"{v}-seed{seed}.log"))
     _parallel([(j, {}) for j in jobs], n_jobs)
+    if DRY_RUN:
+        return {"rows": [], "winner": None}
     rows = []
     for m in metas:
         score = json.loads((m["out"] / "metrics.json").read_text())["dev"]["score"]
