@@ -91,10 +91,18 @@ def _clean_stale(output: Path) -> None:
                         entry.unlink()
 
 
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
 @contextlib.contextmanager
 def output_lock(output: str | os.PathLike):
     """Hold an exclusive, OS-released lock on `output` for the duration; UsageError if another live
-    process holds it. Re-entrant within a process. Parent folders it had to create for the lock
+    process holds it. Re-entrant within a process; under a multi-process launch only global rank 0
+    takes it (the ranks of one run share the output). Parent folders it had to create for the lock
     file are removed again if they are still empty at the end (a failed run creates nothing)."""
     import fcntl
 
@@ -110,12 +118,15 @@ def output_lock(output: str | os.PathLike):
         raise UsageError(f"cannot create the folder of --output {out}: {e.strerror or e}") from None
     lock = lock_path(out)
     key = str(lock)
-    if key in _HELD:
+    if key in _HELD or _rank() > 0:  # nested, or a non-main process of `accelerate launch`: rank 0 holds it
+        _HELD.setdefault(key, [None, 0])
         _HELD[key][1] += 1
         try:
             yield out
         finally:
             _HELD[key][1] -= 1
+            if _HELD[key][0] is None and not _HELD[key][1]:
+                del _HELD[key]
         return
     while True:
         try:
