@@ -463,3 +463,14 @@ def test_write_json_and_dumps_are_strict(tmp_path):
     write_json(tmp_path / "x.json", obj)
     assert _strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": None, "d": {"e": None}}
     assert _strict(dumps(obj))["b"] == [None, 1.5]
+
+
+def test_constant_regression_scores_are_refused_for_training():
+    import numpy as np
+
+    from theseus_deploy.data import TaskData, TaskSpec, check_training_labels
+
+    spec = TaskSpec("custom", metrics=("pearson", "spearman"))
+    with pytest.raises(UsageError, match="have score 2.5: nothing to learn"):
+        check_training_labels(TaskData(spec, "train", [("a", None)] * 3, np.full(3, 2.5, dtype=np.float32), "f.csv"))
+    check_training_labels(TaskData(spec, "train", [("a", None)] * 2, np.asarray([1.0, 2.0], dtype=np.float32), "f.csv"))
