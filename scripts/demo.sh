@@ -26,8 +26,8 @@ set -x
   --max-steps "$STEPS_FT" --lr 5e-5 --max-seq-length "$SEQ" --eval-steps "$STEPS_FT"
 "$TD" compress --model "$RUNS/predecessor" --task sst2 --output "$RUNS/successor" --overwrite \
   --max-steps "$STEPS_COMPRESS" --lr 1e-4 --max-seq-length "$SEQ" --eval-steps $((STEPS_COMPRESS / 3))
-"$TD" evaluate --model "$RUNS/predecessor" --task sst2 --max-seq-length "$SEQ" --output "$RUNS/eval-predecessor.json"
-"$TD" evaluate --model "$RUNS/successor" --task sst2 --max-seq-length "$SEQ" --output "$RUNS/eval-successor.json"
+"$TD" evaluate --model "$RUNS/predecessor" --task sst2 --max-seq-length "$SEQ" --output "$RUNS/eval-predecessor.json" --overwrite
+"$TD" evaluate --model "$RUNS/successor" --task sst2 --max-seq-length "$SEQ" --output "$RUNS/eval-successor.json" --overwrite
 set +x
 "$PY" - "$RUNS" <<'PY'
 import json, sys

@@ -7,6 +7,7 @@ that needs them, so `theseus-deploy --help` answers at once.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
 import sys
 import typing
@@ -15,6 +16,9 @@ import click
 
 from . import config as C
 from .errors import UsageError
+
+
+_DISK_FULL = "No space left on device"
 
 
 class CliError(click.ClickException):
@@ -64,6 +68,13 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except UsageError as e:
             raise CliError(str(e)) from None
+        except Exception as e:
+            # A full disk is the user's to fix, not a bug: one line (outputs are atomic, nothing half-written).
+            # torch.save / safetensors wrap the OSError in their own exception types, hence the message test.
+            if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _DISK_FULL in str(e):
+                where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+                raise CliError(f"no space left on device{where}; nothing was written") from None
+            raise
 
 
 def _click_type(tp, choices):

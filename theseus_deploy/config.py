@@ -156,6 +156,7 @@ class EvaluateConfig(DataConfig):
     batch_size: int = opt(64, "Evaluation batch size.", ge=1)
     json: bool = opt(False, "Print the metrics as JSON.")
     output: str | None = opt(None, "Also write the metrics JSON to this file.")
+    overwrite: bool = opt(False, "Replace an existing --output file.")
 
 
 def _formats():

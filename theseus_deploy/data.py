@@ -108,9 +108,17 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- GLUE, local TSV
+# QQP's official train.tsv has a few rows cut short; the reference processors skip them there. Any
+# other task's row without its label is an error (a damaged file would otherwise be scored in part).
+SKIP_SHORT_ROWS = ("qqp",)
+
+
 def _read_tsv(path: Path, spec: TaskSpec):
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not rows:
         raise UsageError(f"no examples in {path} (empty file)")
     if spec.header:
@@ -124,9 +132,13 @@ def _read_tsv(path: Path, spec: TaskSpec):
         cols, lab = list(spec.columns), spec.label_column
     texts, labels = [], []
     need = max(cols + [lab])
+    short = [i for i, r in enumerate(rows) if len(r) <= need]
+    if short and spec.name not in SKIP_SHORT_ROWS:
+        first = short[0] + 1 + int(spec.header)
+        raise UsageError(f"{path}: {len(short)} of {len(rows)} rows have no label column (first at line {first})")
     for r in rows:
         if len(r) <= need:
-            continue  # a few official rows are truncated; the reference processors skip them too
+            continue
         texts.append((r[cols[0]], r[cols[1]] if len(cols) > 1 else None))
         labels.append(r[lab])
     return texts, labels
@@ -142,6 +154,9 @@ def _load_glue_local(spec: TaskSpec, root: Path, split: str):
         raise UsageError(f"missing data file: {path}")
     texts, raw = _read_tsv(path, spec)
     if spec.is_regression:
+        bad = [x for x in raw if not _is_number(x) or not np.isfinite(float(x))]
+        if bad:
+            raise UsageError(f"{path}: {len(bad)} labels are not finite numbers (e.g. {bad[0]!r})")
         labels = np.asarray([float(x) for x in raw], dtype=np.float32)
     else:
         index = {v: i for i, v in enumerate(spec.raw_labels)}
@@ -244,8 +259,8 @@ def _load_custom(spec: TaskSpec, path: str):
     texts = [(str(r[spec.columns[0]]), str(r[spec.columns[1]]) if len(spec.columns) > 1 else None) for r in rows]
     raw = [r[spec.label_column] for r in rows]
     if spec.is_regression:
-        if not all(_is_number(v) for v in raw):
-            raise UsageError(f"{path}: regression labels must be numbers")
+        if not all(_is_number(v) and np.isfinite(float(v)) for v in raw):
+            raise UsageError(f"{path}: regression labels must be finite numbers")
         return texts, np.asarray([float(v) for v in raw], dtype=np.float32), path
     index = {v: i for i, v in enumerate(spec.label_names)}
     bad = sorted({str(v) for v in raw if str(v) not in index})
@@ -277,6 +292,16 @@ def load_task(task: str, data_dir: str | None = None, split: str = "dev", max_sa
     if len(texts) == 0:
         raise UsageError(f"no examples in the {split} split of {source}")
     return TaskData(spec, split, texts, labels, source)
+
+
+def check_training_labels(data: TaskData) -> None:
+    """Refuse training data that cannot teach a classifier anything: one class only, or constant scores."""
+    labels = np.asarray(data.labels)
+    if len(labels) and (labels == labels.flat[0]).all():
+        what = (f"label {data.spec.label_names[int(labels.flat[0])]!r}" if not data.spec.is_regression
+                else f"score {float(labels.flat[0]):g}")
+        raise UsageError(f"all {len(labels)} training examples of {data.source} have {what}: "
+                         "nothing to learn (use more or other training data)")
 
 
 def spec_from_model(cfg, model_config) -> TaskSpec | None:

@@ -41,10 +41,19 @@ def load_config(name: str, **kwargs):
         raise UsageError(f"could not load model config '{name}': {str(e).splitlines()[0]}") from None
 
 
+# What a tokenizer is saved as. A folder with none of them still "loads" in transformers 5 (a BERT
+# config yields a 5-token vocabulary: every word becomes [UNK] and training happily learns nothing).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model", "merges.txt")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     source = check_model_source(name)
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"model folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])} ...): {name}; "
+                         "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, TypeError) as e:
@@ -70,12 +79,65 @@ def load_classifier(name: str, num_labels: int | None = None, **config_overrides
     for k, v in config_overrides.items():
         setattr(config, k, v)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            check_model_source(name), config=config, dtype=torch.float32, ignore_mismatched_sizes=new_head
-        )
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load model '{name}': {str(e).splitlines()[0]}") from None
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            check_model_source(name), config=config, dtype=torch.float32, ignore_mismatched_sizes=new_head,
+            output_loading_info=True)
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError (truncated / garbled file) ...
+        if "No space left on device" in str(e):
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"could not load model '{name}': {msg}") from None
+    check_loaded(name, model, info)
     return model
+
+
+def _is_encoder_key(key: str, prefix: str) -> bool:
+    """Encoder weights (embeddings, layers): not the pooler, not a task head (classifier, cls., lm_head)."""
+    k = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+    if k.startswith("pooler.") or ".pooler." in k or k.endswith("_ids"):  # *_ids: buffers (position_ids), not weights
+        return False
+    return any(part in ("embeddings", "encoder", "layer", "layers", "transformer") for part in k.split(".")[:-1])
+
+
+def check_loaded(name: str, model, info: dict) -> None:
+    """Refuse a checkpoint whose encoder weights did not load by name (transformers re-initialises
+    them silently and training 'works' on noise), and weights that are not finite."""
+    prefix = getattr(model, "base_model_prefix", "")
+    missing = [k for k in info.get("missing_keys", ()) if _is_encoder_key(k, prefix)]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if _is_encoder_key(k, prefix)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} encoder weights missing (e.g. {sorted(missing)[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[0]})")
+        raise UsageError(f"model '{name}': the checkpoint does not match its config.json: {', '.join(parts)}")
+    import torch
+
+    bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise UsageError(f"model '{name}' has non-finite weights (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
+
+
+# Models whose position ids start after the padding index: max_position_embeddings includes that offset.
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def max_positions(config) -> int | None:
+    """The longest input (in tokens) the model's position table takes, or None if unbounded."""
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None:
+        return None
+    if config.model_type in POSITION_OFFSET_TYPES:
+        n -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def check_max_seq_length(config, max_seq_length: int, flag: str = "--max-seq-length") -> None:
+    """Refuse a sequence length above the position table before any training (it crashes later otherwise)."""
+    limit = max_positions(config)
+    if limit is not None and max_seq_length > limit:
+        raise UsageError(f"{flag} {max_seq_length} exceeds the model's position limit ({limit} tokens)")
 
 
 def model_input_names(model_or_config) -> list[str]:

@@ -1,12 +1,20 @@
-"""Write outputs so that a failed run leaves nothing half-written.
+"""Write outputs so that a failed run leaves nothing half-written, and two runs never share one.
 
-Every command builds its output in a temporary sibling folder and renames it into place only
-when everything succeeded (rename is atomic on one file system).
+Every command builds its output in a temporary sibling folder (`.NAME.tmp-*`) and renames it into
+place only when everything succeeded (rename is atomic on one file system). Around the whole run
+it holds `output_lock(NAME)`: an `fcntl.flock` on `.NAME.lock` beside the output. The operating
+system drops the lock when the process dies, so a second live run on the same output is refused
+while a killed run can be resumed at once; the lock file is removed when the run ends. Holding the
+lock also makes it safe to delete temp folders a killed run left behind (`.NAME.tmp-*`,
+`.NAME.old-*`). Final outputs get the user's umask (mkdtemp/mkstemp alone would give 0700/0600,
+unreadable to a server running as another user).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -14,10 +22,39 @@ from pathlib import Path
 
 from .errors import UsageError
 
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: a process may nest locks on one output
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (before any work) if `path` exists, is not empty and `overwrite` is off."""
-    path = Path(path)
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _abs(path: str | os.PathLike) -> Path:
+    """Absolute, `..`-free path without resolving the final symlink (`--output .` gets a real name)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+def check_not_inside(output: str | os.PathLike, protected=(), what: str = "--output") -> None:
+    """Refuse an output that is, or contains, a protected path (the model, the data, the current
+    folder): replacing it (`--overwrite`) or renaming over it would delete the source."""
+    out = _abs(output).resolve()
+    if out == out.parent:
+        raise UsageError(f"{what} cannot be the file system root")
+    for p in [Path.cwd(), *[q for q in protected if q and os.path.exists(q)]]:
+        src = _abs(p).resolve()
+        if src == out or out in src.parents:
+            name = "the current folder" if p == Path.cwd() else str(p)
+            raise UsageError(f"{what} {output} would replace {name}" + ("" if src == out else " (it lies inside it)")
+                             + ": choose another output")
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected=()) -> Path:
+    """Fail early (before any work) if `path` exists, is not empty and `overwrite` is off, or if
+    it is (or contains) one of the `protected` paths or the current folder."""
+    check_not_inside(path, protected)
+    path = _abs(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"output path exists and is not a folder: {path}")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
@@ -25,32 +62,183 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces `path`, on error it is deleted."""
-    path = check_output_dir(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)  # only now: a run that fails early creates nothing
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, protected=()) -> Path:
+    """The same rules for a single output file (`evaluate --output`)."""
+    check_not_inside(path, protected)
+    path = _abs(path)
+    if path.is_dir():
+        raise UsageError(f"output path is a folder, expected a file: {path}")
+    if path.exists() and not overwrite:
+        raise UsageError(f"output file exists: {path} (pass --overwrite to replace it)")
+    return path
+
+
+def lock_path(output: str | os.PathLike) -> Path:
+    out = _abs(output)
+    return out.parent.resolve() / f".{out.name}.lock"
+
+
+def _clean_stale(output: Path) -> None:
+    """Delete temp folders/files of `output` left by a killed run (only ever called under the lock)."""
+    prefixes = (f".{output.name}.tmp-", f".{output.name}.old-")
+    with contextlib.suppress(OSError):
+        for entry in output.parent.iterdir():
+            if entry.name.startswith(prefixes):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
+
+def _rank() -> int:
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike):
+    """Hold an exclusive, OS-released lock on `output` for the duration; UsageError if another live
+    process holds it. Re-entrant within a process; under a multi-process launch only global rank 0
+    takes it (the ranks of one run share the output). Parent folders it had to create for the lock
+    file are removed again if they are still empty at the end (a failed run creates nothing)."""
+    import fcntl
+
+    out = _abs(output)
+    created = []
+    d = out.parent
+    while not d.exists():
+        created.append(d)
+        d = d.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (PermissionError, FileExistsError, NotADirectoryError) as e:
+        raise UsageError(f"cannot create the folder of --output {out}: {e.strerror or e}") from None
+    lock = lock_path(out)
+    key = str(lock)
+    if key in _HELD or _rank() > 0:  # nested, or a non-main process of `accelerate launch`: rank 0 holds it
+        _HELD.setdefault(key, [None, 0])
+        _HELD[key][1] += 1
+        try:
+            yield out
+        finally:
+            _HELD[key][1] -= 1
+            if _HELD[key][0] is None and not _HELD[key][1]:
+                del _HELD[key]
+        return
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError as e:
+            raise UsageError(f"cannot write beside --output {out} ({lock}: {e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UsageError(f"another run is writing {out}{holder}: wait for it to finish, or choose "
+                                 f"another --output (lock {lock})") from None
+            raise
+        try:  # the previous holder may have removed the file between our open and flock: retry on the new one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    _HELD[key] = [fd, 1]
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _clean_stale(out)
+        yield out
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: the next run retries on a fresh file
+        os.close(fd)
+        for c in created:  # innermost first
+            with contextlib.suppress(OSError):
+                c.rmdir()
+
+
+def _apply_umask(root: Path) -> None:
+    """Give `root` and everything in it the modes a plain mkdir/open would: mkdtemp makes 0700, and
+    some writers (transformers 5 writes model.safetensors through mkstemp) leave files 0600."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o777 & ~mask)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                executable = os.stat(p).st_mode & 0o111
+                os.chmod(p, (0o777 if executable else 0o666) & ~mask)
+
+
+def locks_output(arg: str = "output"):
+    """Decorator: the function runs under `output_lock` of its argument `arg` ("output", or "cfg.output"
+    for an attribute of an argument); no lock when that value is None."""
+    import functools
+    import inspect
+
+    name, _, attr = arg.partition(".")
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            value = sig.bind(*args, **kwargs).arguments.get(name)
+            if attr and value is not None:
+                value = getattr(value, attr, None)
+            if not value:
+                return fn(*args, **kwargs)
+            with output_lock(value):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, protected=()):
+    """Yield a temporary folder; on success it replaces `path`, on error it is deleted. Holds
+    `output_lock(path)` throughout."""
+    with output_lock(path):
+        path = check_output_dir(path, overwrite, protected)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            _apply_umask(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder."""
-    path = Path(path)
+    """Write `text` to `path` through a temporary file in the same folder (mode from the umask)."""
+    path = _abs(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
@@ -60,5 +248,48 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def json_safe(obj):
+    """`obj` with NaN/inf floats as None: strict JSON parsers reject `NaN`."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON (non-finite numbers become null)."""
+    return json.dumps(json_safe(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write_text(path, dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def safe_member(folder: str | os.PathLike, name: str, what: str = "file") -> Path:
+    """`folder/name` for a name read from a file (a manifest): relative, no `..`, and, symlinks
+    resolved, still inside `folder`; UsageError otherwise."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UsageError(f"{folder}: invalid {what} name {name!r}")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts:
+        raise UsageError(f"{folder}: {what} '{name}' points outside the folder (only plain relative names are allowed)")
+    base = Path(folder).resolve()
+    target = (base / p).resolve()
+    if target != base and base not in target.parents:
+        raise UsageError(f"{folder}: {what} '{name}' resolves outside the folder (to {target})")
+    return target
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

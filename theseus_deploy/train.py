@@ -6,7 +6,6 @@ is no distributed code path of our own.
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -18,10 +17,10 @@ import numpy as np
 import torch
 
 from . import config as C
-from .data import encode, label_mapping, load_from_config, make_loader
+from .data import check_training_labels, encode, label_mapping, load_from_config, make_loader
 from .errors import UsageError
-from .hf import load_classifier, load_tokenizer, model_input_names
-from .io import atomic_output_dir, check_output_dir, write_json
+from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
+from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, locks_output, write_json
 from .metrics import compute_metrics
 
 
@@ -89,16 +88,17 @@ class Recipe:
             raise UsageError(f"--max-seq-length must be at least 8, got {cfg.max_seq_length}")
         self.output = Path(cfg.output)
         self.work = self.output.with_name(self.output.name + ".partial")  # checkpoints live here
-        if not (self.kind == "compress" and cfg.resume):
-            check_output_dir(self.output, cfg.overwrite)
+        check_output_dir(self.output, cfg.overwrite, protected=_inputs(cfg))  # --resume too: a killed run wrote no output
 
         from .hf import check_model_source
 
         if not cfg.model:
             raise UsageError("--model is required")
         check_model_source(cfg.model)  # a mistyped path is reported before any data is read
+        check_max_seq_length(load_config(cfg.model), cfg.max_seq_length)
         # Data next: bad files fail before any model is loaded.
         self.train_data = load_from_config(cfg, "train")
+        check_training_labels(self.train_data)
         self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
         self.spec = self.train_data.spec
         self.tokenizer = load_tokenizer(cfg.model)
@@ -326,14 +326,14 @@ class Recipe:
         if not self.acc.is_main_process:
             return self
         model = self.final_model()
-        with atomic_output_dir(self.output, overwrite=True) as tmp:
+        with atomic_output_dir(self.output, overwrite=self.cfg.overwrite, protected=_inputs(self.cfg)) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             write_json(tmp / "run_config.json", self.resolved_config())
             write_json(tmp / "metrics.json", self.summary())
             with open(tmp / "train_log.jsonl", "w") as f:
                 for rec in self.history:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(dumps(rec) + "\n")
         shutil.rmtree(self.work, ignore_errors=True)
         log(f"[{self.kind}] saved {self.output} (best dev score {self.best_score:.4f} at step {self.best_step})")
         return self
@@ -367,8 +367,10 @@ class CompressRecipe(Recipe):
 
         predecessor = load_classifier(self.cfg.model)
         self.hf_config = predecessor.config
-        if self.cfg.successor_layers is not None and self.cfg.successor_layers < 1:
-            raise UsageError(f"--successor-layers must be at least 1, got {self.cfg.successor_layers}")
+        n, depth = self.cfg.successor_layers, predecessor.config.num_hidden_layers
+        if n is not None and not 1 <= n < depth:  # n = depth would "compress" into a copy of the predecessor
+            raise UsageError(f"--successor-layers must be between 1 and {depth - 1} (the predecessor has {depth} "
+                             f"layers), got {n}")
         self.theseus = TheseusModel(predecessor, self.cfg.successor_layers, self.cfg.init)
         return self.theseus
 
@@ -469,12 +471,19 @@ def _print_table(rows: list[tuple[str, dict]], metrics: tuple):
 
 
 # ====================================================================== entry points
+def _inputs(cfg) -> list:
+    """What a run reads: its output may not be (or contain) any of these."""
+    return [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file]
+
+
+@locks_output("cfg.output")  # held for the whole run, O.partial/ included
 def run_finetune(cfg: C.FinetuneConfig):
     r = FinetuneRecipe(cfg).setup().train().save()
     _print_table([(f"finetuned ({r.hf_config.num_hidden_layers} layers)", r.best_metrics)], r.spec.metrics)
     return r
 
 
+@locks_output("cfg.output")
 def run_compress(cfg: C.CompressConfig):
     r = CompressRecipe(cfg).setup().train()
     if r.interrupt_at is None:
@@ -487,11 +496,15 @@ def run_compress(cfg: C.CompressConfig):
     return r
 
 
+@locks_output("cfg.output")
 def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     from .data import spec_from_model
-    from .hf import load_config
 
-    spec = spec_from_model(cfg, load_config(cfg.model))
+    if cfg.output:
+        check_output_file(cfg.output, cfg.overwrite, protected=_inputs(cfg))
+    model_config = load_config(cfg.model)
+    check_max_seq_length(model_config, cfg.max_seq_length)
+    spec = spec_from_model(cfg, model_config)
     data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
     model = load_classifier(cfg.model).eval()
     tokenizer = load_tokenizer(cfg.model)
@@ -506,7 +519,7 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     if cfg.output:
         write_json(cfg.output, result)
     if cfg.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result, indent=2))
     else:
         _print_table([(f"{Path(cfg.model).name} ({result['num_layers']} layers)", metrics)], data.spec.metrics)
     return result

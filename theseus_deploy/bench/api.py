@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 from theseus_deploy.errors import UsageError
+from theseus_deploy.io import locks_output
 
 from theseus_deploy.registry import BACKENDS, export_format
-# Models whose position ids start after the padding index (max_position_embeddings includes the offset)
-POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -84,6 +83,7 @@ def check_backends(backends, device: str):
                 check_ort_provider(b)
 
 
+@locks_output("output")
 def run_bench(models, output: str, layers=(), backends=("torch",), device: str = "cpu", batch_sizes="1,8,32",
               seq_lens="32,128,384", warmup: int = 3, iterations: int = 10, min_seconds: float = 0.5, rounds: int = 5,
               threads: int | None = None, check: str | None = None, tolerance: float = 0.1, task: str | None = None,
@@ -103,7 +103,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     check_backends(backends, device)
     if check and not Path(check).is_file():
         raise UsageError(f"baseline not found: {check}")
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, protected=[*models, check, data_dir, train_file, validation_file])
     data = None
     if task:
         from theseus_deploy.data import load_task
@@ -131,10 +131,9 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
         specs = resolve_models(list(models), list(layers), work)
         max_seq = max(ss + ([traffic_max_length] if data else []))
         for sp in specs:
-            cfg = sp["config"]
-            cfg_max = getattr(cfg, "max_position_embeddings", 512)
-            if cfg.model_type in POSITION_OFFSET_TYPES:
-                cfg_max -= (cfg.pad_token_id or 0) + 1
+            from theseus_deploy.hf import max_positions
+
+            cfg_max = max_positions(sp["config"]) or max_seq
             if max_seq > cfg_max:
                 raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max})")
         entries = []
@@ -179,7 +178,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
         if check:
             results["gate"] = {"baseline": check, "tolerance": tolerance,
                                "failures": G.check(results, check, tolerance), "ratios": G.ratios(results)}
-        with atomic_output_dir(output, overwrite) as tmp:
+        with atomic_output_dir(output, overwrite, protected=models) as tmp:
             write_json(tmp / "results.json", results)
             write_csv(cells, tmp / "results.csv")
             (tmp / "report.md").write_text(markdown(results))

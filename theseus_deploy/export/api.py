@@ -12,25 +12,28 @@ built and validated, so a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import shutil
 import time
 from pathlib import Path
 
 from theseus_deploy.errors import UsageError
+from theseus_deploy.io import locks_output, sha256_file as _sha256
 
 from theseus_deploy.registry import FORMATS
 
 FILES = {name: f.file for name, f in FORMATS.items() if f.file}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def max_opset() -> int:
+    """The highest opset both the installed onnx and torch's TorchScript exporter (the one we use) support."""
+    import onnx
+
+    try:
+        from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as torch_max
+    except ImportError:  # private constant moved: onnx's own limit still applies
+        torch_max = 10 ** 6
+    return min(onnx.defs.onnx_opset_version(), torch_max)
 
 
 def _versions() -> dict:
@@ -45,13 +48,14 @@ def _versions() -> dict:
     return out
 
 
+@locks_output("output")
 def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batch_size: int = 32,
                  max_seq_length: int = 512, opt_batch_size: int | None = None, opt_seq_length: int | None = None,
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
                  threads: int | None = None, max_task_drop: float = 0.01, int8_per_channel: bool = True,
                  int8_reduce_range: bool = False) -> dict:
-    from theseus_deploy.hf import check_model_source, load_config
+    from theseus_deploy.hf import check_model_source, load_classifier, load_config, load_tokenizer, max_positions
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
     from .trt import Profile, check_trt_available
@@ -64,14 +68,18 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             raise UsageError(f"unknown format '{f}': choose from {', '.join(FORMATS)}")
     if opset < 17:
         raise UsageError(f"--opset must be 17 or higher (fused attention needs it), got {opset}")
+    if opset > max_opset():
+        raise UsageError(f"--opset {opset} is above what the installed onnx/torch exporter supports ({max_opset()})")
     # Everything that can fail on bad input fails here, before any file is written.
     check_model_source(model_dir)
     config = load_config(model_dir)
-    profile = Profile.from_flags(max_batch_size, min(max_seq_length, getattr(config, "max_position_embeddings", 512)),
+    profile = Profile.from_flags(max_batch_size, min(max_seq_length, max_positions(config) or max_seq_length),
                                  opt_batch_size, opt_seq_length)
     if "trt" in formats:
         check_trt_available()
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, protected=[model_dir, data_dir])
+    # The model and tokenizer load (and are checked: weights match the config, finite) before any file is written.
+    reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
     data = None
     if task:
         from theseus_deploy.data import label_mapping, load_task
@@ -94,14 +102,11 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                 "model_type": config.model_type, "num_layers": config.num_hidden_layers,
                 "opset": opset, "profile": profile.as_dict(), "artifacts": [], "versions": _versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, protected=[model_dir, data_dir]) as tmp:
         raw = tmp / "_raw.onnx"
         info = export_onnx(model_dir, raw, opset)
         manifest["input_names"], manifest["output_names"] = info["input_names"], info["output_names"]
-        from theseus_deploy.hf import load_classifier, load_tokenizer
-
-        reference = TorchRunner(load_classifier(model_dir), "torch", "cpu", threads)
-        tokenizer = load_tokenizer(model_dir)
+        reference = TorchRunner(reference_model, "torch", "cpu", threads)
         if data is not None:
             manifest["task"] = {"name": data.spec.name, "split": "dev", "num_examples": len(data),
                                 "pytorch": task_metric(reference, tokenizer, data, max_seq_length=min(128, profile.max[1]))}

@@ -99,7 +99,7 @@ class OrtRunner(Runner):
     """ONNX Runtime: CPU EP, or CUDA / TensorRT EPs when onnxruntime-gpu is installed."""
 
     def __init__(self, path: Path, backend: str, device: str = "cpu", threads: int | None = None,
-                 vocab_size: int = 30522):
+                 vocab_size: int = 30522, folder: Path | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -111,7 +111,7 @@ class OrtRunner(Runner):
             need = check_ort_provider(backend)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             if backend == "onnx-trt-ep":  # the plain fp16 graph: TensorRT takes all of it
-                providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path))))
+                providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path), folder)))
         else:
             check_device(backend, device)
             providers = ["CPUExecutionProvider"]
@@ -161,14 +161,18 @@ def check_ort_provider(backend: str) -> str:
     return need
 
 
-def _trt_ep_options(path: Path) -> dict:
+def _trt_ep_options(path: Path, folder: Path | None = None) -> dict:
     """TensorRT EP: engines cached beside the graph, and the export's profile, so that new
-    shapes inside it do not trigger an engine rebuild inside a timed loop."""
-    opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(path.parent / "trt-ep-cache")}
-    manifest = path.parent / "manifest.json"
+    shapes inside it do not trigger an engine rebuild inside a timed loop. The cache folder must
+    resolve inside the export folder (a `trt-ep-cache` symlink pointing elsewhere is refused)."""
+    base = (Path(folder) if folder is not None else Path(path).parent).resolve()
+    cache = Path(path).resolve().parent / "trt-ep-cache"
+    if not cache.resolve().is_relative_to(base):  # e.g. a trt-ep-cache symlink to elsewhere
+        raise UsageError(f"TensorRT EP cache {cache} resolves outside the export folder {base}")
+    opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+    manifest = base / "manifest.json"
     if manifest.is_file():
-        m = json.loads(manifest.read_text())
+        m = _read_manifest(base)
         prof, names = m.get("profile"), m.get("input_names")
         if prof and names:
             for key in ("min", "opt", "max"):
@@ -177,12 +181,34 @@ def _trt_ep_options(path: Path) -> dict:
     return opts
 
 
-def _manifest_artifact(folder: Path, backend: str) -> Path | None:
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        for art in json.loads(manifest.read_text()).get("artifacts", []):
-            if art["format"] == export_format(backend):
-                return folder / art["file"]
+def _read_manifest(folder: Path) -> dict:
+    try:
+        m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{folder}/manifest.json is not readable JSON: {e}") from None
+    if not isinstance(m, dict) or not isinstance(m.get("artifacts", []), list):
+        raise UsageError(f"{folder}/manifest.json: not an export manifest")
+    return m
+
+
+def _manifest_artifact(folder: Path, backend: str, verify_hash: bool = True) -> Path | None:
+    """The artifact file of `backend` in an export folder: the manifest's "file", resolved inside the
+    folder only (no absolute path, no `..`, no symlink out), and its recorded sha256 checked."""
+    from theseus_deploy.io import safe_member, sha256_file
+
+    if (folder / "manifest.json").is_file():
+        for art in _read_manifest(folder).get("artifacts", []):
+            if isinstance(art, dict) and art.get("format") == export_format(backend):
+                path = safe_member(folder, art.get("file"), "artifact")
+                if verify_hash and path.is_file():
+                    want = art.get("sha256")
+                    if not want:
+                        raise UsageError(f"{folder}/manifest.json records no sha256 for {art.get('file')} "
+                                         "(verify_hash=False to load it unchecked)")
+                    if sha256_file(path) != want:
+                        raise UsageError(f"{path}: sha256 does not match manifest.json (file changed or corrupt; "
+                                         "verify_hash=False to load it anyway)")
+                return path
     cand = folder / (artifact_file(backend) or "")
     return cand if cand.is_file() else None
 
@@ -198,8 +224,11 @@ def check_device(backend: str, device: str) -> None:
 
 
 def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
-                artifact: str | None = None) -> Runner:
-    """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt)."""
+                artifact: str | None = None, verify_hash: bool = True) -> Runner:
+    """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt).
+
+    From an export folder, the artifact is the file manifest.json names, only inside that folder,
+    and its sha256 must match the manifest's (`verify_hash=False` skips the check)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
     check_device(backend, device)
@@ -207,7 +236,7 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
 
     if BACKENDS[backend].format is None:
         return TorchRunner(load_classifier(model), backend, device, threads)
-    path = Path(artifact) if artifact else _manifest_artifact(Path(model), backend)
+    path = Path(artifact) if artifact else _manifest_artifact(Path(model), backend, verify_hash)
     if path is None or not path.is_file():
         raise UsageError(f"no {backend} artifact for {model}: run `theseus-deploy export --format {backend}` first"
                          + (f" ({artifact} does not exist)" if artifact else ""))
@@ -216,7 +245,7 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
 
         return TrtRunner(path, device=device)
     vocab = getattr(load_config(model), "vocab_size", 30522) if (Path(model) / "config.json").is_file() else 30522
-    return OrtRunner(path, backend, device, threads, vocab)
+    return OrtRunner(path, backend, device, threads, vocab, folder=None if artifact else Path(model))
 
 
 class TextClassifier:
@@ -227,11 +256,12 @@ class TextClassifier:
 
     @classmethod
     def load(cls, model: str, backend: str = "torch", device: str = "cpu", artifact: str | None = None,
-             max_length: int = 128, threads: int | None = None) -> "TextClassifier":
+             max_length: int = 128, threads: int | None = None, verify_hash: bool = True) -> "TextClassifier":
+        """`verify_hash`: check the artifact against the sha256 in manifest.json (see `load_runner`)."""
         from theseus_deploy.hf import load_config, load_tokenizer
 
         config = load_config(model)
-        runner = load_runner(model, backend, device, threads, artifact)
+        runner = load_runner(model, backend, device, threads, artifact, verify_hash)
         return cls(load_tokenizer(model), runner, {int(k): v for k, v in config.id2label.items()}, max_length)
 
     def __call__(self, texts, text_pairs=None) -> list[dict]:
