@@ -55,7 +55,7 @@ BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onn
 # extra compress flags, given the run's step count S.
 VARIANTS = {
     "default": lambda S: [],
-    "no-clip": lambda S: ["--max-grad-norm", "0"],
+    "old-optimizer": lambda S: ["--max-grad-norm", "0", "--decay-norm-and-bias"],  # before the recipe fix
     "unfreeze-head": lambda S: ["--unfreeze-head"],
     "short-replacement": lambda S: ["--steps-to-full", max(1, S // 4)],
     "long-replacement": lambda S: ["--steps-to-full", max(1, 3 * S // 4)],

@@ -210,3 +210,47 @@ def test_label_names_match_case_insensitively():
     sst2 = get_spec("sst2")
     assert label_mapping(sst2, _Cfg(2, {"NEGATIVE": 0, "POSITIVE": 1})) is None
     assert label_mapping(sst2, _Cfg(2, {"POSITIVE": 0, "NEGATIVE": 1})).tolist() == [1, 0]
+
+
+def test_glue_layouts_on_synthetic_fixtures(synthetic_glue):
+    """The five tasks' real layouts, in CI without ../shared: headerless CoLA, MRPC's BOM, STS-B floats."""
+    from conftest import write_synthetic_glue  # noqa: F401  (the fixture's writer: layouts documented there)
+
+    words = "the a cat dog sat ran on under mat road big small".split()
+
+    def sent(i, n=5):
+        return " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(n)).capitalize() + "."
+
+    cola = load_task("cola", str(synthetic_glue), "train")
+    assert len(cola) == 8 and cola.texts[0] == (sent(0), None)  # no header row eaten, 4th column
+    assert cola.labels.tolist() == [0, 1] * 4 and cola.spec.header is False
+    mrpc = load_task("mrpc", str(synthetic_glue), "dev")
+    assert len(mrpc) == 4 and mrpc.labels.tolist() == [1, 0, 1, 0]  # BOM before "Quality" did not hide the column
+    assert mrpc.texts[0] == (sent(20), '"' + sent(21))                # quotes are text, not CSV quoting
+    stsb = load_task("stsb", str(synthetic_glue), "dev")
+    assert stsb.labels.dtype == np.float32 and stsb.labels.tolist() == [5.0, 3.75, 2.5, 1.25]
+    assert stsb.texts[1] == (sent(31), sent(32))
+    rte = load_task("rte", str(synthetic_glue), "train")
+    assert rte.labels.tolist() == [0, 1] * 4 and rte.texts[0] == (sent(0, 9), sent(4))
+    sst2 = load_task("sst2", str(synthetic_glue), "dev")
+    assert sst2.texts[0] == (sent(70).lower()[:-1] + " ", None) and sst2.labels.tolist() == [1, 0, 1, 0]
+    for task, n in (("cola", 4), ("mrpc", 8), ("stsb", 8), ("rte", 4), ("sst2", 8)):
+        assert len(load_task(task, str(synthetic_glue), "train" if n == 8 else "dev")) == n
+
+
+def test_positive_label_declared_by_task_and_flag(tmp_path):
+    from theseus_deploy.data import positive_id
+
+    mrpc = get_spec("mrpc")
+    assert mrpc.positive == "equivalent" and get_spec("qqp").positive == "duplicate"
+    # a model that calls `equivalent` id 0: the positive class follows the name, not the id
+    mapping = label_mapping(mrpc, _Cfg(2, {"equivalent": 0, "not_equivalent": 1}))
+    assert mapping.tolist() == [1, 0] and positive_id(mrpc, mapping) == 0
+    assert positive_id(mrpc, None) == 1
+    f = _write(tmp_path / "d.csv", [{"text": f"t{i}", "y": ["no", "yes"][i % 2]} for i in range(4)], "csv")
+    assert custom_spec(f, "text", "y").positive == "yes"
+    assert custom_spec(f, "text", "y", positive_label="no").positive == "no"
+    with pytest.raises(UsageError, match="--positive-label 'maybe' is not one of the labels"):
+        custom_spec(f, "text", "y", positive_label="maybe")
+    with pytest.raises(UsageError, match="--positive-label is for --task custom"):
+        load_task("mrpc", str(tmp_path), "dev", positive_label="equivalent")

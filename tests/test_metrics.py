@@ -41,3 +41,15 @@ def test_pearson_spearman_by_hand():
 def test_constant_regression_prediction_scores_zero():
     m = compute_metrics(GLUE_TASKS["stsb"], np.ones((4, 1)), np.array([1.0, 2.0, 3.0, 4.0]))
     assert m["pearson"] == 0.0 and m["spearman"] == 0.0
+
+
+def test_f1_scores_the_declared_positive_class_after_label_remapping():
+    """MRPC's F1 is that of `equivalent`, even for a model that gives `equivalent` id 0."""
+    spec = GLUE_TASKS["mrpc"]
+    data_labels = np.array([1, 1, 0])        # equivalent, equivalent, not_equivalent (data ids)
+    mapping = np.array([1, 0])               # data id -> model id: equivalent is the model's 0
+    labels = mapping[data_labels]            # [0, 0, 1]
+    pred = np.array([0, 0, 0])               # the model says `equivalent` every time
+    m = compute_metrics(spec, onehot(pred), labels, positive=0)
+    assert m["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1))  # TP=2 FP=1 FN=0 for `equivalent`
+    assert compute_metrics(spec, onehot(np.array([1, 1, 0])), data_labels)["f1"] == 1.0  # default: the spec's id

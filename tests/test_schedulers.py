@@ -36,3 +36,12 @@ def test_anti_curriculum_decreases_then_successor_alone():
 def test_bad_values(kwargs, msg):
     with pytest.raises(UsageError, match=msg):
         make_scheduler(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant", "anti"])
+def test_successor_only_phase_starts_where_p_is_one_for_good(kind):
+    s = make_scheduler(kind, 0.3, k=0.3)  # (1 - b) / k = 2.33: p first reaches 1 at step 3
+    assert s.steps_to_full == 3
+    assert [s.successor_only(t) for t in range(5)] == [False, False, False, True, True]
+    assert all(s(t) == 1.0 for t in range(3, 10))
+    assert s(0) == (1.0 if kind == "anti" else 0.3)  # anti starts at 1, yet is still replacing

@@ -81,6 +81,9 @@ class DataConfig(Checked):
     label_column: str | None = opt(None, "--task custom: the label column.", resume=True)
     problem_type: str = opt("auto", "--task custom: classification, regression, or auto (inferred from the labels).",
                             choices=["auto", "classification", "regression"], resume=True)
+    positive_label: str | None = opt(None, "--task custom with two labels: the label F1 scores as positive (default: the "
+                                           "second label in sorted order, e.g. 1 of 0/1). GLUE tasks declare theirs.",
+                                     resume=True)
     max_seq_length: int = opt(128, "Truncate inputs to this many tokens.", resume=True, ge=1)
     max_train_samples: int | None = opt(None, "Use only the first N training examples (quick runs).", resume=True, ge=1)
     max_eval_samples: int | None = opt(None, "Use only the first N evaluation examples (quick runs).", resume=True, ge=1)
@@ -95,7 +98,12 @@ class TrainConfig(DataConfig):
     epochs: float | None = opt(None, "Training epochs. Default: scaled with the data set (see README).", resume=True, gt=0)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps (overrides --epochs).", resume=True, ge=1)
     lr: float | None = opt(None, "Peak learning rate (AdamW, linear warm-up then decay).", resume=True, gt=0)
-    weight_decay: float = opt(0.01, "AdamW weight decay.", resume=True, ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay (not on biases and LayerNorm weights unless --decay-norm-and-bias).",
+                              resume=True, ge=0)
+    decay_norm_and_bias: bool = opt(False, "Also decay biases and LayerNorm weights (the reference BERT recipe excludes them).",
+                                    resume=True)
+    max_grad_norm: float = opt(1.0, "Clip the gradient's global L2 norm to this (0: no clipping; reference BERT: 1.0).",
+                               resume=True, ge=0)
     warmup_ratio: float = opt(0.06, "Fraction of steps for linear warm-up.", resume=True, ge=0, lt=1)
     batch_size: int = opt(32, "Training batch size (per device).", resume=True, ge=1)
     eval_batch_size: int = opt(64, "Evaluation batch size.", ge=1)

@@ -28,6 +28,7 @@ class TaskSpec:
     hub_columns: tuple = ()
     header: bool = True
     dev_file: str = "dev.tsv"
+    positive: str | None = None              # the label name F1 counts as positive (two-label tasks)
 
     @property
     def is_regression(self) -> bool:
@@ -44,11 +45,13 @@ GLUE_TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("negative", "positive"), ("accuracy",),
                      ("sentence",)),
     "mrpc": TaskSpec("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
-                     ("not_equivalent", "equivalent"), ("f1", "accuracy"), ("sentence1", "sentence2")),
+                     ("not_equivalent", "equivalent"), ("f1", "accuracy"), ("sentence1", "sentence2"),
+                     positive="equivalent"),
     "stsb": TaskSpec("stsb", "STS-B", ("sentence1", "sentence2"), "score", (), (), ("pearson", "spearman"),
                      ("sentence1", "sentence2")),
     "qqp": TaskSpec("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
-                    ("not_duplicate", "duplicate"), ("f1", "accuracy"), ("question1", "question2")),
+                    ("not_duplicate", "duplicate"), ("f1", "accuracy"), ("question1", "question2"),
+                    positive="duplicate"),
     "mnli": TaskSpec("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label",
                      ("entailment", "neutral", "contradiction"), ("entailment", "neutral", "contradiction"),
                      ("accuracy",), ("premise", "hypothesis"), dev_file="dev_matched.tsv"),
@@ -221,7 +224,8 @@ def _is_number(x) -> bool:
 
 
 def custom_spec(train_file: str | None, text_columns: str | None, label_column: str | None,
-                problem_type: str = "auto", label_names: list[str] | None = None) -> TaskSpec:
+                problem_type: str = "auto", label_names: list[str] | None = None,
+                positive_label: str | None = None) -> TaskSpec:
     """Build a TaskSpec from the training file (label set, classification vs regression)."""
     if not text_columns or not label_column:
         raise UsageError("--task custom needs --text-columns and --label-column")
@@ -244,7 +248,14 @@ def custom_spec(train_file: str | None, text_columns: str | None, label_column: 
             uniq = {str(v) for v in values}
             label_names = sorted(uniq, key=lambda v: (float(v), v) if numeric else (0, v))
     metrics = ("pearson", "spearman") if not label_names else (("f1", "accuracy") if len(label_names) == 2 else ("accuracy",))
-    return TaskSpec("custom", "", cols, label_column, tuple(label_names), tuple(label_names), metrics)
+    positive = None
+    if len(label_names) == 2:
+        positive = label_names[1] if positive_label is None else str(positive_label)
+        if positive not in label_names:
+            raise UsageError(f"--positive-label '{positive_label}' is not one of the labels ({', '.join(label_names)})")
+    elif positive_label is not None:
+        raise UsageError(f"--positive-label needs a task with two labels, this one has {len(label_names) or 'none (regression)'}")
+    return TaskSpec("custom", "", cols, label_column, tuple(label_names), tuple(label_names), metrics, positive=positive)
 
 
 def _load_custom(spec: TaskSpec, path: str):
@@ -271,17 +282,20 @@ def _load_custom(spec: TaskSpec, path: str):
 
 def load_task(task: str, data_dir: str | None = None, split: str = "dev", max_samples: int | None = None,
               train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
-              label_column: str | None = None, problem_type: str = "auto", spec: TaskSpec | None = None) -> TaskData:
+              label_column: str | None = None, problem_type: str = "auto", spec: TaskSpec | None = None,
+              positive_label: str | None = None) -> TaskData:
     """Load one split of a GLUE task or of the user's files (`task='custom'`)."""
     if split not in ("train", "dev", "dev_mismatched"):
         raise UsageError(f"unknown split '{split}' (train, dev, dev_mismatched)")
     if task and task.lower() == "custom":
-        spec = spec or custom_spec(train_file, text_columns, label_column, problem_type)
+        spec = spec or custom_spec(train_file, text_columns, label_column, problem_type, positive_label=positive_label)
         path = train_file if split == "train" else validation_file
         if not path:
             raise UsageError(f"--task custom needs --{'train' if split == 'train' else 'validation'}-file")
         texts, labels, source = _load_custom(spec, path)
     else:
+        if positive_label is not None:
+            raise UsageError("--positive-label is for --task custom (GLUE tasks declare theirs: MRPC equivalent, QQP duplicate)")
         spec = get_spec(task)
         if split == "dev_mismatched" and spec.name != "mnli":
             raise UsageError("split dev_mismatched exists only for mnli")
@@ -316,14 +330,15 @@ def spec_from_model(cfg, model_config) -> TaskSpec | None:
         names = [id2label.get(i, str(i)) for i in range(n)]
         if all(v == f"LABEL_{i}" for i, v in enumerate(names)):
             names = [str(i) for i in range(n)]  # generic names: the data's labels are the ids
-    return custom_spec(None, cfg.text_columns, cfg.label_column, cfg.problem_type, label_names=names)
+    return custom_spec(None, cfg.text_columns, cfg.label_column, cfg.problem_type, label_names=names,
+                       positive_label=cfg.positive_label)
 
 
 def load_from_config(cfg, split: str, spec: TaskSpec | None = None) -> TaskData:
     """load_task with the data fields of a DataConfig."""
     max_samples = cfg.max_train_samples if split == "train" else cfg.max_eval_samples
     return load_task(cfg.task, cfg.data_dir, split, max_samples, cfg.train_file, cfg.validation_file,
-                     cfg.text_columns, cfg.label_column, cfg.problem_type, spec=spec)
+                     cfg.text_columns, cfg.label_column, cfg.problem_type, spec=spec, positive_label=cfg.positive_label)
 
 
 # ---------------------------------------------------------------------------- labels vs model
@@ -351,6 +366,15 @@ def label_mapping(data_spec: TaskSpec, model_config) -> np.ndarray | None:
         return None
     missing = [n for n in names if n.lower() not in {k.lower() for k in label2id}]
     raise UsageError(f"labels the model does not have: {', '.join(missing)} (model labels: {', '.join(label2id)})")
+
+
+def positive_id(data_spec: TaskSpec, mapping) -> int | None:
+    """The model's label id of the task's positive class (what F1 scores), after `label_mapping`:
+    MRPC's positive class is `equivalent` whichever id a model gives it."""
+    if data_spec.positive is None:
+        return None
+    i = list(data_spec.label_names).index(data_spec.positive)
+    return int(mapping[i]) if mapping is not None else i
 
 
 # ---------------------------------------------------------------------------- tokenise + batch

@@ -12,12 +12,18 @@ def accuracy(pred, labels) -> float:
     return float((np.asarray(pred) == np.asarray(labels)).mean())
 
 
-def f1(pred, labels) -> float:
+def f1(pred, labels, positive: int | None = 1) -> float:
+    """Binary F1 of the class `positive` (a model label id); macro F1 when `positive` is None."""
     from sklearn.metrics import f1_score
 
-    labels = np.asarray(labels)
-    average = "binary" if len(np.unique(np.concatenate([labels, np.asarray(pred)]))) <= 2 else "macro"
-    return float(f1_score(labels, pred, average=average, zero_division=0))
+    labels, pred = np.asarray(labels), np.asarray(pred)
+    if positive is None:
+        return float(f1_score(labels, pred, average="macro", zero_division=0))
+    # by hand: sklearn's binary mode refuses a positive id absent from both arrays
+    tp = int(((pred == positive) & (labels == positive)).sum())
+    fp = int(((pred == positive) & (labels != positive)).sum())
+    fn = int(((pred != positive) & (labels == positive)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
 def matthews(pred, labels) -> float:
@@ -50,9 +56,13 @@ def predictions(spec, logits: np.ndarray) -> np.ndarray:
     return logits.reshape(-1) if spec.is_regression else logits.argmax(-1)
 
 
-def compute_metrics(spec, logits: np.ndarray, labels: np.ndarray) -> dict:
-    """Every metric of the task plus `score` (their mean)."""
+def compute_metrics(spec, logits: np.ndarray, labels: np.ndarray, positive: int | None = None) -> dict:
+    """Every metric of the task plus `score` (their mean). `positive`: the model's label id of the
+    task's positive class (data.positive_id); default: the spec's own, without label remapping."""
     pred = predictions(spec, logits)
-    out = {name: METRICS[name](pred, labels) for name in spec.metrics}
+    if positive is None and getattr(spec, "positive", None) is not None:
+        positive = list(spec.label_names).index(spec.positive)
+    out = {name: (METRICS[name](pred, labels, positive) if name == "f1" else METRICS[name](pred, labels))
+           for name in spec.metrics}
     out["score"] = float(np.mean([out[n] for n in spec.metrics]))
     return out

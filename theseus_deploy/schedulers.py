@@ -11,6 +11,7 @@ have had without the interruption.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -24,13 +25,19 @@ class ReplacementScheduler:
 
     @property
     def steps_to_full(self) -> int:
-        return int(round((1.0 - self.b) / self.k)) if self.k > 0 else 0
+        """The first step of the successor-only phase (p = 1 from here on, for every kind)."""
+        return max(0, math.ceil((1.0 - self.b) / self.k - 1e-9)) if self.k > 0 else 0
+
+    def successor_only(self, step: int) -> bool:
+        """True from the step on which p is 1 for good (the anti schedule also starts at p = 1,
+        but that is the replacement phase)."""
+        return step >= self.steps_to_full
 
     def __call__(self, step: int) -> float:
-        if self.kind == "linear":
-            return min(1.0, self.k * step + self.b)
         if step >= self.steps_to_full:
             return 1.0
+        if self.kind == "linear":
+            return min(1.0, self.k * step + self.b)
         if self.kind == "constant":
             return self.b
         return max(self.b, 1.0 - self.k * step)  # anti

@@ -7,8 +7,10 @@ is no distributed code path of our own.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,11 +19,14 @@ import numpy as np
 import torch
 
 from . import config as C
-from .data import check_training_labels, encode, label_mapping, load_from_config, make_loader
+from .data import check_training_labels, encode, label_mapping, load_from_config, make_loader, positive_id
 from .errors import UsageError
 from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
 from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, locks_output, write_json
 from .metrics import compute_metrics
+from .optim import configure_optimizers, lr_schedule
+
+CHECKPOINT_FORMAT = "theseus-deploy-checkpoint/2"
 
 
 def log(msg: str):
@@ -75,7 +80,6 @@ class Recipe:
     def setup(self):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
-        from transformers import get_linear_schedule_with_warmup
 
         cfg = self.cfg
         if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
@@ -105,6 +109,7 @@ class Recipe:
         torch.manual_seed(cfg.seed)            # a new classifier head (finetune) depends on --seed
         self.model = self.build_model()        # sets self.hf_config
         mapping = label_mapping(self.spec, self.hf_config)
+        self.positive = positive_id(self.spec, mapping)  # F1's positive class, in the model's label ids
         names = model_input_names(self.hf_config)
         self.train_enc = encode(self.tokenizer, self.train_data, cfg.max_seq_length, names, mapping)
         self.dev_enc = encode(self.tokenizer, self.dev_data, cfg.max_seq_length, names, mapping)
@@ -119,14 +124,19 @@ class Recipe:
         self.lr = cfg.lr if cfg.lr is not None else C.DEFAULT_LR[self.kind]
         self.setup_extra()
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=cfg.weight_decay)
-        self.lr_schedule = get_linear_schedule_with_warmup(
-            self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        # The trainable set is final here, before wrapping: DDP all-reduces exactly these tensors.
+        late = self.late_parameters()
+        self.optimizer = configure_optimizers(self.model, self.lr, cfg.weight_decay,
+                                              decay_norm_and_bias=cfg.decay_norm_and_bias, late=late)
+        self.lr_schedule = lr_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps,
+                                       late_start=self.late_start())
+        self.late = late
+        self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.dev_loader = self.acc.prepare(make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False))
         self.after_prepare()
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, -1, 0
+        self.best_state, self.best_metrics = None, None
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed)
         if self.kind == "compress" and cfg.resume:
@@ -159,6 +169,13 @@ class Recipe:
     def setup_extra(self):
         pass
 
+    def late_parameters(self) -> list:
+        """Trainable tensors whose learning rate is 0 until `late_start()` (compress --unfreeze-head)."""
+        return []
+
+    def late_start(self) -> int | None:
+        return None
+
     def after_prepare(self):
         """Called once model, optimizer and dev loader are on the accelerator's device(s)."""
 
@@ -167,80 +184,114 @@ class Recipe:
         """Called before each batch; False means: nothing to train on this batch."""
         return True
 
+    def late_active(self) -> bool:
+        """Whether the `late` parameters learn on this step."""
+        return True
+
     def step_log(self) -> dict:
         return {}
 
-    def train(self):
+    def batches(self):
+        """The training batches from the current step on, epoch after epoch (a resumed run skips
+        the batches it already trained on, so it sees exactly what an uninterrupted run saw)."""
         cfg, acc = self.cfg, self.acc
+        while self.step < self.total_steps:
+            epoch, skip = divmod(self.step, self.steps_per_epoch)
+            for batch in acc.prepare(make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch,
+                                                 skip * acc.num_processes)):
+                yield batch
+                if self.step >= self.total_steps:
+                    return
+
+    def train_step(self, batch) -> tuple[float, float | None]:
+        """Forward, backward, clip, AdamW step: (loss, gradient norm before clipping)."""
+        labels = batch.pop("labels")
+        loss = self.model(**batch, labels=labels).loss
+        self.check_finite(loss)
+        self.acc.backward(loss)
+        if not self.late_active():
+            for p in self.late:  # frozen until their phase: no update, no AdamW moments
+                p.grad = None
+        grad_norm = None
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = float(self.acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), (grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None)
+
+    def check_finite(self, loss):
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.acc.num_processes > 1:
+            bad = self.acc.reduce(bad, "sum")  # every rank stops together
+        if bad.item() > 0:
+            raise UsageError(f"[{self.kind}] the training loss is {loss.item()} at step {self.step}: training diverged, "
+                             f"nothing was saved (check the model's weights and the data, or lower --lr)")
+
+    def train(self):
+        cfg = self.cfg
         self.model.train()
-        t0, last_loss, skipped = time.time(), [], 0
+        t0, losses, norms, skipped = time.time(), [], [], 0
         log(f"[{self.kind}] {len(self.train_enc.features)} train / {len(self.dev_enc.features)} dev examples, "
             f"{self.total_steps} steps ({self.epochs:g} epochs of {self.steps_per_epoch}), lr {self.lr:g}")
-        progress = _progress(self.total_steps, self.step, acc.is_local_main_process)
-        stop = False
-        while self.step < self.total_steps and not stop:
-            epoch, skip = divmod(self.step, self.steps_per_epoch)
-            loader = acc.prepare(make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch,
-                                             skip * acc.num_processes))
-            for batch in loader:
-                if self.before_step():
-                    labels = batch.pop("labels")
-                    out = self.model(**batch, labels=labels)
-                    acc.backward(out.loss)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    last_loss.append(out.loss.item())
-                    self.lr_schedule.step()
-                else:
-                    # Every module drew its predecessor: no trainable tensor in the graph, nothing
-                    # to learn; the schedules still advance so p and lr follow the step count.
-                    skipped += 1
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
-                        self.lr_schedule.step()
-                self.step += 1
-                progress.update(1)
-                if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
-                    rec = {"step": self.step, "loss": float(np.mean(last_loss)) if last_loss else None,
-                           "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": skipped,
-                           "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
-                    self.history.append(rec)
-                    progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
-                                          for k, v in rec.items() if k in ("loss", "p")})
-                    last_loss = []
-                if self.step % self.eval_steps == 0 or self.step == self.total_steps:
-                    stop = self.evaluate_and_track()
-                if self.step % self.save_steps == 0 and self.step < self.total_steps:
-                    self.save_checkpoint()
-                if self.interrupt_at is not None and self.step >= self.interrupt_at:
-                    self.save_checkpoint()
-                    progress.close()
-                    return self
-                if stop or self.step >= self.total_steps:
-                    break
+        progress = _progress(self.total_steps, self.step, self.acc.is_local_main_process)
+        for batch in self.batches():
+            if self.before_step():
+                loss, grad_norm = self.train_step(batch)
+                losses.append(loss)
+                if grad_norm is not None:
+                    norms.append(grad_norm)
+            else:
+                # Every module drew its predecessor: no trainable tensor in the graph, nothing
+                # to learn; the schedules still advance so p and lr follow the step count.
+                skipped += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+                self.lr_schedule.step()
+            self.step += 1
+            progress.update(1)
+
+            last, stop = self.step == self.total_steps, False
+            if self.step % cfg.log_steps == 0 or last:
+                rec = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
+                       "grad_norm": float(np.mean(norms)) if norms else None,
+                       "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": skipped,
+                       "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
+                self.history.append(rec)
+                progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
+                                      for k, v in rec.items() if k in ("loss", "p")})
+                losses, norms = [], []
+            if self.step % self.eval_steps == 0 or last:
+                stop = self.evaluate_and_track()
+            if self.step % self.save_steps == 0 and not last:
+                self.save_checkpoint()
+            if self.interrupt_at is not None and self.step >= self.interrupt_at:
+                self.save_checkpoint()
+                break
+            if stop:
+                break
         progress.close()
         return self
 
     def evaluate_and_track(self) -> bool:
         """Dev evaluation; keeps the best weights; True when early stopping says stop."""
         logits, labels = predict(self.model, self.dev_loader, self.acc)
-        metrics = compute_metrics(self.spec, logits, labels)
+        metrics = compute_metrics(self.spec, logits, labels, self.positive)
+        if not all(math.isfinite(v) for v in metrics.values()):
+            raise UsageError(f"[{self.kind}] dev metrics are not finite at step {self.step} ({metrics}): "
+                             "the model outputs NaN or inf, nothing was saved")
         self.history.append({"step": self.step, "eval": metrics, **self.step_log()})
         log(f"[{self.kind}] step {self.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if metrics["score"] > self.best_score:
             self.best_score, self.best_step, self.bad_evals = metrics["score"], self.step, 0
             self.best_metrics = metrics
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.final_state_dict().items()}
-            if self.acc.is_main_process:  # one writer under multi-process launch
-                self.work.mkdir(parents=True, exist_ok=True)
-                torch.save({"state": self.best_state, "score": self.best_score, "step": self.step, "metrics": metrics},
-                           self.work / "best.pt")
-        else:
+        elif self.counts_for_patience():
             self.bad_evals += 1
         patience = self.cfg.early_stopping_patience
-        return patience is not None and self.bad_evals >= patience and self.may_stop_early()
+        return patience is not None and self.bad_evals >= patience
 
-    def may_stop_early(self) -> bool:
+    def counts_for_patience(self) -> bool:
+        """Whether an evaluation without improvement counts toward --early-stopping-patience."""
         return True
 
     # ================================================================== checkpoints
@@ -248,44 +299,69 @@ class Recipe:
         return {}
 
     def save_checkpoint(self):
+        """One file, written atomically, holding everything a resumed run needs, the best weights
+        included (a separate best.pt could be newer than the checkpoint it belongs to). Only
+        tensors and plain types: it is read back with torch.load(weights_only=True)."""
         if not self.acc.is_main_process:
             return
         self.work.mkdir(parents=True, exist_ok=True)
         state = {
+            "format": CHECKPOINT_FORMAT,
+            "kind": self.kind,
+            "config": C.to_dict(self.cfg),
             "step": self.step,
             "model": {k: v for k, v in self.acc.unwrap_model(self.model).state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "best": (self.best_score, self.best_step, self.bad_evals),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "best": {"score": float(self.best_score), "step": self.best_step, "bad_evals": self.bad_evals,
+                     "metrics": self.best_metrics, "state": self.best_state},
             "history": self.history,
-            "config": C.to_dict(self.cfg),
             **self.checkpoint_state(),
         }
-        tmp = self.work / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.work / "checkpoint.pt")
+        fd, tmp = tempfile.mkstemp(prefix=".checkpoint.pt.", dir=self.work)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, self.work / "checkpoint.pt")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def load_checkpoint(self):
         path = self.work / "checkpoint.pt"
         if not path.is_file():
             raise UsageError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.check_resume_config(state.get("config", {}))
-        self.acc.unwrap_model(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.step = state["step"]
-        self.best_score, self.best_step, self.bad_evals = state["best"]
-        self.history = state["history"]
-        if (self.work / "best.pt").is_file():
-            best = torch.load(self.work / "best.pt", map_location="cpu", weights_only=False)
-            self.best_state, self.best_metrics = best["state"], best["metrics"]
-        self.restore_extra(state)
+        try:  # weights_only: tensors and plain types only, never code (a crafted pickle is refused)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"--resume: cannot read {path}: truncated, corrupt or not a checkpoint of this tool "
+                             f"({type(e).__name__}: {first})") from None
+        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and state.get("kind") == self.kind
+                and isinstance(state.get("config"), dict)):
+            raise UsageError(f"--resume: {path} is not a {self.kind} checkpoint of this tool (format "
+                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+        self.check_resume_config(state["config"])
+        try:
+            self.acc.unwrap_model(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_schedule.load_state_dict(state["lr_schedule"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if state["rng"]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            best = state["best"]
+            self.step = int(state["step"])
+            self.best_score, self.best_step, self.bad_evals = best["score"], best["step"], best["bad_evals"]
+            self.best_metrics, self.best_state = best["metrics"], best["state"]
+            if self.best_step >= 0 and not self.best_state:
+                raise ValueError("best weights missing")
+            self.history = state["history"]
+            self.restore_extra(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"--resume: {path} does not fit this run ({type(e).__name__}: {first})") from None
         log(f"[{self.kind}] resumed from {path} at step {self.step}")
 
     def restore_extra(self, state: dict):
@@ -295,8 +371,8 @@ class Recipe:
         """A resumed run must be the same run: the fields marked `resume=True` in config.py decide
         data order, draws, p, lr and what is evaluated and kept at every step."""
         now = C.to_dict(self.cfg)
-        diff = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in C.resume_fields(self.cfg)
-                if k in saved and k in now and saved[k] != now[k]]
+        diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in C.resume_fields(self.cfg)
+                if k in now and saved.get(k) != now[k]]
         if diff:
             raise UsageError("--resume with settings that differ from the checkpoint's run: " + ", ".join(diff))
 
@@ -333,7 +409,7 @@ class Recipe:
             write_json(tmp / "metrics.json", self.summary())
             with open(tmp / "train_log.jsonl", "w") as f:
                 for rec in self.history:
-                    f.write(dumps(rec) + "\n")
+                    f.write(dumps(rec) + "\n")  # strict JSON: NaN/inf as null
         shutil.rmtree(self.work, ignore_errors=True)
         log(f"[{self.kind}] saved {self.output} (best dev score {self.best_score:.4f} at step {self.best_step})")
         return self
@@ -358,7 +434,8 @@ class FinetuneRecipe(Recipe):
 
 
 class CompressRecipe(Recipe):
-    """BERT-of-Theseus: only the successor layers learn, from the task loss alone."""
+    """BERT-of-Theseus: only the successor layers learn, from the task loss alone (and, with
+    --unfreeze-head, the pooler and classifier once the successor trains alone)."""
 
     kind = "compress"
 
@@ -372,6 +449,8 @@ class CompressRecipe(Recipe):
             raise UsageError(f"--successor-layers must be between 1 and {depth - 1} (the predecessor has {depth} "
                              f"layers), got {n}")
         self.theseus = TheseusModel(predecessor, self.cfg.successor_layers, self.cfg.init)
+        if self.cfg.unfreeze_head:
+            self.theseus.unfreeze_head()  # trainable from the start, at LR 0 until the successor-only phase
         return self.theseus
 
     def setup_extra(self):
@@ -382,17 +461,27 @@ class CompressRecipe(Recipe):
         if steps_to_full is None and cfg.k is None:
             steps_to_full = max(1, self.total_steps // 2)  # p reaches 1 half-way; the successor then trains alone
         self.scheduler = make_scheduler(cfg.scheduler, cfg.replacing_rate, steps_to_full, cfg.k)
+        if not self.scheduler.successor_only(self.total_steps - 1):
+            raise UsageError(f"the replacement schedule reaches p = 1 only at step {self.scheduler.steps_to_full}, "
+                             f"but the run has {self.total_steps} steps: the successor would never run alone "
+                             "(lower --steps-to-full, raise --k, or train longer)")
         self.replace_gen = torch.Generator().manual_seed(cfg.seed + 1)  # draws: their own RNG, resumable
-        self.head_unfrozen = False
         self.last_p = self.scheduler(0)
         log(f"[compress] {self.theseus.predecessor_layers} -> {self.theseus.num_modules} layers, blocks "
             f"{self.theseus.blocks}, init from {self.theseus.init_from}, {cfg.scheduler} schedule "
             f"b={self.scheduler.b:g} k={self.scheduler.k:.3g} (p=1 at step {self.scheduler.steps_to_full})")
 
+    def late_parameters(self) -> list:
+        return self.theseus.head_parameters() if self.cfg.unfreeze_head else []
+
+    def late_start(self) -> int | None:
+        return self.scheduler.steps_to_full if self.cfg.unfreeze_head else None
+
     def after_prepare(self):
         # The predecessor's own dev score, for the retention figure (on the accelerator's devices).
         self.theseus.force("predecessor")
-        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.model, self.dev_loader, self.acc))
+        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.model, self.dev_loader, self.acc),
+                                                   self.positive)
         self.theseus.force(None)
         log(f"[compress] predecessor ({self.theseus.predecessor_layers} layers) dev: "
             + ", ".join(f"{k} {v:.4f}" for k, v in self.predecessor_metrics.items()))
@@ -400,40 +489,30 @@ class CompressRecipe(Recipe):
     def before_step(self) -> bool:
         p = self.scheduler(self.step)
         self.last_p = p
-        if self.cfg.unfreeze_head and p >= 1.0 and not self.head_unfrozen:
-            self._unfreeze_head()
         draws = self.theseus.sample(p, self.replace_gen)
-        return any(draws) or self.head_unfrozen
+        return any(draws) or (bool(self.late) and self.late_active())
 
-    def _unfreeze_head(self):
-        params = self.theseus.head_parameters()
-        for p in params:
-            p.requires_grad_(True)
-        known = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        new = [p for p in params if id(p) not in known]
-        if new:
-            self.optimizer.add_param_group({"params": new, "lr": self.optimizer.param_groups[0]["lr"],
-                                            "initial_lr": self.lr, "weight_decay": self.cfg.weight_decay})
-            self.lr_schedule.base_lrs.append(self.lr)
-            self.lr_schedule.lr_lambdas.append(self.lr_schedule.lr_lambdas[0])
-        self.head_unfrozen = True
+    def late_active(self) -> bool:
+        return self.scheduler.successor_only(self.step)
+
+    @property
+    def head_unfrozen(self) -> bool:
+        """Whether the head has started learning (--unfreeze-head and the successor-only phase reached)."""
+        return bool(self.late) and self.scheduler.successor_only(self.step - 1)
 
     def step_log(self) -> dict:
         return {"p": round(self.last_p, 6)}
 
-    def may_stop_early(self) -> bool:
-        return self.scheduler(self.step) >= 1.0  # only once the successor trains alone
+    def counts_for_patience(self) -> bool:
+        # Only evaluations after at least one successor-only step: the replacement phase's scores
+        # do not stop a run before the successor has trained alone.
+        return self.scheduler.successor_only(self.step - 1)
 
     def checkpoint_state(self) -> dict:
-        return {"replace_gen": self.replace_gen.get_state(), "head_unfrozen": self.head_unfrozen}
+        return {"replace_gen": self.replace_gen.get_state()}
 
     def restore_extra(self, state):
         self.replace_gen.set_state(state["replace_gen"])
-        if state.get("head_unfrozen"):
-            # The optimizer state above was saved with the head group: rebuild it, then reload.
-            self._unfreeze_head()
-            self.optimizer.load_state_dict(torch.load(self.work / "checkpoint.pt", map_location="cpu",
-                                                      weights_only=False)["optimizer"])
 
     def final_state_dict(self):
         return self.theseus.successor_state_dict()
@@ -512,7 +591,7 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(model), mapping)
     t0 = time.time()
     logits, labels = predict(model, make_loader(tokenizer, enc, cfg.batch_size, False))
-    metrics = compute_metrics(data.spec, logits, labels)
+    metrics = compute_metrics(data.spec, logits, labels, positive_id(data.spec, mapping))
     result = {"model": cfg.model, "task": data.spec.name, "split": cfg.split, "num_examples": len(data),
               "num_layers": model.config.num_hidden_layers, "metrics": metrics,
               "seconds": round(time.time() - t0, 3), "data_source": data.source}
