@@ -71,9 +71,12 @@ class Recipe:
     """What finetune and compress share: data, optimizer, loop, eval, checkpoints, output."""
 
     kind = "finetune"
+    # What differs between recipes is declared, not switched on `kind`:
+    unused_parameters = False  # DDP: some parameters get no gradient on some steps (Theseus draws)
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.resuming = bool(getattr(cfg, "resume", False))  # only configs with a --resume flag resume
         self.interrupt_at: int | None = None  # tests: stop as if killed after this step
 
     # ================================================================== setup
@@ -114,7 +117,7 @@ class Recipe:
         self.train_enc = encode(self.tokenizer, self.train_data, cfg.max_seq_length, names, mapping)
         self.dev_enc = encode(self.tokenizer, self.dev_data, cfg.max_seq_length, names, mapping)
 
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.kind == "compress")
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.unused_parameters)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
         n_batches = math.ceil(len(self.train_enc.features) / cfg.batch_size)
         self.steps_per_epoch = max(1, math.ceil(n_batches / self.acc.num_processes))
@@ -139,7 +142,7 @@ class Recipe:
         self.best_state, self.best_metrics = None, None
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed)
-        if self.kind == "compress" and cfg.resume:
+        if self.resuming:
             self.load_checkpoint()
         return self
 
@@ -438,6 +441,7 @@ class CompressRecipe(Recipe):
     --unfreeze-head, the pooler and classifier once the successor trains alone)."""
 
     kind = "compress"
+    unused_parameters = True
 
     def build_model(self):
         from .modeling import TheseusModel
