@@ -6,10 +6,11 @@ RUNS ?= runs
 
 .PHONY: install test test-gpu demo results bench-smoke bench-baseline clean
 
-$(VENV)/.installed: setup.py requirements-cpu.txt
+# constraints.txt: the exact tested versions of torch, transformers, onnxruntime, onnx, onnxscript, accelerate
+$(VENV)/.installed: setup.py requirements-cpu.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-cpu.txt
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -r requirements-cpu.txt
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -194,6 +194,8 @@ class ExportConfig(Checked):
     int8_per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
                                  flag="--int8-per-channel/--int8-per-tensor")
     int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
+    allow_unfused: bool = opt(False, "Keep a BERT/RoBERTa graph whose attention ONNX Runtime did not fuse (onnxruntime "
+                                     "< 1.31 with transformers 5): it runs, but slower. Default: fail with an error.")
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 

@@ -50,7 +50,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
                  threads: int | None = None, max_task_drop: float = 0.01, int8_per_channel: bool = True,
-                 int8_reduce_range: bool = False) -> dict:
+                 int8_reduce_range: bool = False, allow_unfused: bool = False) -> dict:
     from theseus_deploy.hf import check_model_source, load_config
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -81,7 +81,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         if mapping is not None:
             data.labels = mapping[data.labels]
 
-    from .onnx import export_onnx, fuse, plain_fp16
+    from .onnx import check_fusion, export_onnx, fuse, plain_fp16
     from .ort import quantize_int8
     from .runtime import OrtRunner, TorchRunner
     from .validate import check_task_drop, shapes_for, task_metric
@@ -108,10 +108,9 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         for fmt in todo:
             t0 = time.time()
             entry = {"format": fmt, "file": FILES.get(fmt)}
-            if fmt == "onnx":
-                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info)
-            elif fmt == "onnx-fp16":
-                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=True)
+            if fmt in ("onnx", "onnx-fp16"):
+                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=fmt == "onnx-fp16")
+                check_fusion(entry["fused_ops"], info, allow_unfused)
             elif fmt == "onnx-fp16-trt":
                 entry["ops"] = plain_fp16(raw, tmp / FILES[fmt])
             elif fmt == "onnx-int8":
