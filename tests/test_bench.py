@@ -188,3 +188,45 @@ def test_real_traffic_on_custom_files(pair, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert {t["num_sentences"] for t in res["traffic"]} == {20}
+
+
+def test_traffic_warms_every_distinct_shape_before_timing(pair, monkeypatch):
+    """Every runner meets every distinct batch shape of both paddings untimed, before the first
+    timed pass; the timed passes then meet no new shape; the median of 3 rounds is reported."""
+    from theseus_deploy.bench import traffic as T
+    from theseus_deploy.hf import load_tokenizer
+
+    timing = {"started": False}
+    real_clock = time.perf_counter
+
+    def clock():
+        timing["started"] = True
+        return real_clock()
+
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self):
+            self.warm, self.timed = [], []
+
+        def encode(self, raw):
+            return raw
+
+        def __call__(self, feeds):
+            (self.timed if timing["started"] else self.warm).append(feeds["input_ids"].shape)
+
+        def synchronize(self):
+            pass
+
+    entries = [Entry(f"m{i}", "predecessor" if i == 0 else "successor", "torch", Recorder(), None) for i in range(2)]
+    texts = [("word " * (1 + (i * 7) % 23), None) for i in range(40)]
+    res = T.run_traffic(entries, load_tokenizer(str(pair[0])), texts, batch_size=8, max_length=32, rounds=3)
+    for e in entries:
+        warm, timed = e.runner.warm, e.runner.timed
+        assert set(timed) <= set(warm), "a timed pass met a shape that was not warmed up"
+        fixed = [s for s in timed if s[1] == 32]
+        assert len(set(timed)) > 2 and len(warm) == len(set(warm))  # several widths, each warmed once
+        assert len(timed) == 3 * (5 + 5) and len(fixed) >= 3 * 5  # 3 rounds x 5 batches x 2 paddings
+    assert {r["rounds"] for r in res} == {3} and all(r["warmup_shapes"] >= 1 for r in res)

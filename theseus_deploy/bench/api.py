@@ -88,7 +88,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
               seq_lens="32,128,384", warmup: int = 3, iterations: int = 10, min_seconds: float = 0.5, rounds: int = 5,
               threads: int | None = None, check: str | None = None, tolerance: float = 0.1, task: str | None = None,
               data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
-              traffic_max_length: int = 128, traffic_rounds: int = 1, update_baseline: str | None = None,
+              traffic_max_length: int = 128, traffic_rounds: int = 3, update_baseline: str | None = None,
               train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
               label_column: str | None = None,
               overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -171,6 +171,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                   "min_seconds": min_seconds, "rounds": rounds, "threads": threads or torch.get_num_threads(),
                   "task": task, "data_dir": data_dir, "max_eval_samples": max_eval_samples,
                   "traffic_batch_size": traffic_batch_size, "traffic_max_length": traffic_max_length,
+                  "traffic_rounds": traffic_rounds,
                   "check": check, "tolerance": tolerance}
         results = {"config": config, "environment": environment(threads),
                    "models": [{k: (v if k != "config" else v.to_dict()) for k, v in s.items()} for s in specs],
