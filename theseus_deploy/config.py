@@ -231,6 +231,8 @@ class BenchConfig(Checked):
     max_eval_samples: int | None = opt(None, "Real traffic: only the first N dev examples.", ge=1)
     traffic_batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
     traffic_max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
+    seq_bucket: int = opt(32, "torch-compile*: pad sequences to a multiple of this (batches to a power of two), "
+                              "so that the number of compiled graphs is bounded.", ge=1)
     traffic_rounds: int = opt(3, "Real traffic: interleaved rounds (the median is reported), after an untimed pass "
                                  "over every distinct batch shape.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")

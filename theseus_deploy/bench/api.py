@@ -72,6 +72,12 @@ def check_backends(backends, device: str):
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
+    if any(b.startswith("torch-compile") for b in backends):
+        from theseus_deploy.export.runtime import CompiledRunner
+
+        for b in backends:
+            if b.startswith("torch-compile"):
+                CompiledRunner.precheck(b, device)
     if "trt" in backends:
         from theseus_deploy.export.trt import check_trt_available
 
@@ -90,7 +96,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
               data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
               traffic_max_length: int = 128, traffic_rounds: int = 3, update_baseline: str | None = None,
               train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
-              label_column: str | None = None,
+              label_column: str | None = None, seq_bucket: int = 32,
               overwrite: bool = False, show_progress: bool = True) -> dict:
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -116,7 +122,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     from tqdm.auto import tqdm
 
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.export.runtime import TorchRunner, load_runner
+    from theseus_deploy.export.runtime import load_runner, torch_runner
 
     from . import gate as G
     from .env import environment
@@ -149,12 +155,18 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                 if export_format(b) is None:
                     from theseus_deploy.hf import load_classifier
 
-                    runner = TorchRunner(load_classifier(sp["path"]), b, device, threads)
+                    runner = torch_runner(load_classifier(sp["path"]), b, device, threads, seq_bucket)
                 else:
                     runner = load_runner(str(art_dir), b, device, threads)
                     runner.vocab_size = sp["config"].vocab_size
                 entries.append(Entry(sp["tag"], sp["role"], b, runner, sp["config"]))
         shapes = [(b, s) for b in bs for s in ss]
+        compiled = {}
+        for e in entries:  # torch-compile*: compile every bucket of the sweep now, not in a timed call
+            if hasattr(e.runner, "compiled_buckets"):
+                t = time.time()
+                compiled[e.key] = {"buckets": [list(x) for x in e.runner.warmup(shapes)],
+                                   "compile_seconds": round(time.time() - t, 1)}
         total = len(shapes) * rounds * len(entries) + (2 * len(entries) * traffic_rounds if data else 0)
         progress = tqdm(total=total, desc="bench", disable=not show_progress, dynamic_ncols=True)
         t0 = time.time()
@@ -172,10 +184,11 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                   "task": task, "data_dir": data_dir, "max_eval_samples": max_eval_samples,
                   "traffic_batch_size": traffic_batch_size, "traffic_max_length": traffic_max_length,
                   "traffic_rounds": traffic_rounds,
-                  "check": check, "tolerance": tolerance}
+                  "check": check, "tolerance": tolerance, "seq_bucket": seq_bucket}
         results = {"config": config, "environment": environment(threads),
                    "models": [{k: (v if k != "config" else v.to_dict()) for k, v in s.items()} for s in specs],
                    "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,
+                   "compiled": compiled or None,
                    "seconds": round(time.time() - t0, 1)}
         if check:
             results["gate"] = {"baseline": check, "tolerance": tolerance,

@@ -7,6 +7,9 @@
                (the fused graph's com.microsoft ops are unknown to TensorRT's parser)
     trt        TensorRT engine built from onnx-fp16-trt with one optimisation profile
     torch-bf16 nothing to write: PyTorch bf16 (AMX CPUs) validated like an artifact
+    torch-compile, torch-compile-bf16
+               load-time only, nothing written: torch.compile (Inductor on CPU) validated like an
+               artifact; the compiled graph lives in the process that loads the model
 Everything is built in a temporary folder and renamed into place only when every format was
 built and validated, so a failed export leaves nothing behind.
 """
@@ -71,6 +74,11 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                                  opt_batch_size, opt_seq_length)
     if "trt" in formats:
         check_trt_available()
+    for f in formats:
+        if f.startswith("torch-compile"):
+            from .runtime import CompiledRunner
+
+            CompiledRunner.precheck(f, "cpu")  # a C++ compiler for Inductor; bf16 CPU features
     check_output_dir(output, overwrite)
     data = None
     if task:
@@ -83,7 +91,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
 
     from .onnx import check_fusion, export_onnx, fuse, plain_fp16
     from .ort import quantize_int8
-    from .runtime import OrtRunner, TorchRunner
+    from .runtime import OrtRunner, TorchRunner, torch_runner
     from .validate import check_task_drop, shapes_for, task_metric
     from .validate import validate as check
 
@@ -124,8 +132,8 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                 entry.update(build_engine(tmp / FILES["onnx-fp16-trt"], tmp / FILES[fmt], info["input_names"], profile))
             entry["build_seconds"] = round(time.time() - t0, 2)
             runner = None
-            if fmt == "torch-bf16":
-                runner = TorchRunner(load_classifier(model_dir), "torch-bf16", "cpu", threads)
+            if fmt.startswith("torch-"):
+                runner = torch_runner(load_classifier(model_dir), fmt, "cpu", threads)
             elif fmt == "trt":
                 from .trt import TrtRunner
 
