@@ -124,3 +124,24 @@ def test_bench_export_and_text_classifier(tiny_bert, tmp_path):
     assert [g["label"] for g in got] == [w["label"] for w in want]
     assert np.allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-5)
     assert clf.runner.compiled_buckets == [(2, 32)]  # the texts fit the warmed bucket: nothing new compiled
+
+
+@pytest.mark.gpu
+def test_cuda_graph_buckets_match_eager_on_gpu(tiny3):
+    """CUDA: torch-compile-fp16 / -bf16 (CUDA graphs) agree with eager on padded inputs, for a
+    warmed bucket and one compiled on first use; results of earlier calls stay valid."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    for backend, eager_backend, tol in (("torch-compile-fp16", "torch-fp16", 2e-2), ("torch-compile-bf16", "torch-bf16", 1e-1)):
+        eager = load_runner(str(tiny3), eager_backend, "cuda")
+        runner = load_runner(str(tiny3), backend, "cuda")
+        assert runner.warmup([(3, 20)]) == [(4, 32)]
+        kept = []
+        shapes = ((3, 20, 1), (4, 32, 2), (1, 40, 3)) if backend.endswith("fp16") else ((3, 20, 1),)
+        for b, s, seed in shapes:  # fp16's last: bucket 1x64, compiled on first use
+            raw = _random_ids(b, s, eager.vocab_size, eager.input_names, seed=seed, padded=True)
+            got, want = runner.logits(runner.encode(raw)), eager.logits(eager.encode(raw))
+            assert got.shape == want.shape == (b, 2) and np.abs(got - want).max() < tol, (backend, b, s)
+            kept.append((got, want))
+        assert runner.compiled_buckets == ([(4, 32), (1, 64)] if backend.endswith("fp16") else [(4, 32)])
+        assert all(np.abs(g - w).max() < tol for g, w in kept)
