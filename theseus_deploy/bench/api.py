@@ -198,6 +198,10 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             write_csv(cells, tmp / "results.csv")
             (tmp / "report.md").write_text(markdown(results))
             results["plots"] = plots(results, tmp)
+            if not results["plots"]:
+                with open(tmp / "report.md", "a") as f:
+                    f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
+                            "results.json DIR draws them elsewhere).\n")
             write_json(tmp / "config.json", config)
         if update_baseline:
             write_json(update_baseline, G.baseline_from(results))
