@@ -166,7 +166,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             if hasattr(e.runner, "compiled_buckets"):
                 t = time.time()
                 compiled[e.key] = {"buckets": [list(x) for x in e.runner.warmup(shapes)],
-                                   "compile_seconds": round(time.time() - t, 1)}
+                                   "compile_seconds": round(time.time() - t, 1),
+                                   "cudagraph_skipped": [list(x) for x in e.runner.cudagraph_skipped]}
         total = len(shapes) * rounds * len(entries) + (2 * len(entries) * traffic_rounds if data else 0)
         progress = tqdm(total=total, desc="bench", disable=not show_progress, dynamic_ncols=True)
         t0 = time.time()
@@ -178,6 +179,10 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             traffic = run_traffic(entries, load_tokenizer(specs[0]["path"]), data.texts, traffic_batch_size,
                                   traffic_max_length, traffic_rounds, progress)
         progress.close()
+        for e in entries:  # traffic's warm-up may have compiled more buckets (its padded widths)
+            if e.key in compiled:
+                compiled[e.key]["buckets"] = [list(x) for x in e.runner.compiled_buckets]
+                compiled[e.key]["cudagraph_skipped"] = [list(x) for x in e.runner.cudagraph_skipped]
         config = {"models": list(models), "layers": list(layers), "backends": backends, "device": device,
                   "batch_sizes": bs, "seq_lens": ss, "warmup": warmup, "iterations": iterations,
                   "min_seconds": min_seconds, "rounds": rounds, "threads": threads or torch.get_num_threads(),

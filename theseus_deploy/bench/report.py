@@ -60,6 +60,13 @@ def markdown(results: dict) -> str:
         for x in t:
             rel = f"{x['sentences_s'] / base['sentences_s']:.2f}x" if base else "-"
             out.append(f"| {x['model']} | {x['backend']} | {x['padding']} | {x['sentences_s']:.1f} | {rel} |")
+    if results.get("compiled"):
+        out += ["", "## Compiled runners (torch-compile*)", "",
+                "| runner | buckets (batch x seq) | compile s (sweep) | run without CUDA graph |", "|---|---|---|---|"]
+        for key, c in results["compiled"].items():
+            buckets = ", ".join(f"{b}x{s}" for b, s in c["buckets"])
+            skipped = ", ".join(f"{b}x{s}" for b, s in c.get("cudagraph_skipped", [])) or "-"
+            out.append(f"| {key} | {buckets} | {c['compile_seconds']} | {skipped} |")
     if results.get("gate"):
         g = results["gate"]
         out += ["", f"## Gate vs {g['baseline']} (tolerance {g['tolerance']:.0%}): "

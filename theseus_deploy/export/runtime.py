@@ -179,6 +179,7 @@ class CompiledRunner(TorchRunner):
         self.pad_id = int(cfg.pad_token_id or 0)
         self.seq_bucket = seq_bucket
         self.compiled_buckets: list = []
+        self.cudagraph_skipped: list = []  # CUDA buckets Inductor compiled but could not capture
         self.possible_buckets = (self.MAX_BATCH_BUCKET.bit_length()) * -(-self.max_seq_length // seq_bucket)
         mode = "reduce-overhead" if device == "cuda" else None
         self.compiled = torch.compile(self.model, mode=mode, dynamic=False, fullgraph=True)
@@ -241,6 +242,9 @@ class CompiledRunner(TorchRunner):
         patch = {names[0]: limit, names[1]: max(getattr(dyn, names[1]), limit)}
         if hasattr(dyn, names[2]):
             patch[names[2]] = True
+        from torch._dynamo.utils import counters
+
+        skips = counters["inductor"]["cudagraph_skips"]
         try:
             with dyn.patch(**patch), torch._inductor.config.patch(freezing=self.device == "cpu"), torch.inference_mode():
                 if self.device == "cuda":
@@ -258,6 +262,9 @@ class CompiledRunner(TorchRunner):
             raise UsageError(f"{self.backend}: torch.compile failed for bucket {bucket[0]}x{bucket[1]} on "
                              f"{self.device} ({type(e).__name__}: {first})") from None
         self.compiled_buckets.append(bucket)
+        if self.device == "cuda" and counters["inductor"]["cudagraph_skips"] > skips:
+            # compiled, but Inductor ran it without a CUDA graph (TORCH_LOGS=cudagraphs says why)
+            self.cudagraph_skipped.append(bucket)
         return out
 
     def warmup(self, shapes) -> list:
