@@ -46,11 +46,14 @@ command -v "$PY" >/dev/null 2>&1 || err "PY=$PY: no such Python"
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 # Before anything is written: a CUDA GPU must be visible to this torch.
 if [ "$DEVICE" = cuda ] && ! why=$(timeout 60 "$PY" - 2>&1 <<'EOF'
-import sys
+import importlib.util, sys
 try:
     import torch
 except ImportError as e:
     sys.exit(f"torch is not importable ({e})")
+missing = [m for m in ("transformers", "click", "tqdm", "numpy", "onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"missing Python packages: {', '.join(missing)} (pip install them; see docs/bench.md, GPU)")
 if not torch.cuda.is_available():
     sys.exit(f"no CUDA GPU is visible to PyTorch (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
              "gpu_check needs a CUDA GPU")
