@@ -66,7 +66,7 @@ def markdown(results: dict) -> str:
         for key, c in results["compiled"].items():
             buckets = ", ".join(f"{b}x{s}" for b, s in c["buckets"])
             skipped = ", ".join(f"{b}x{s}" for b, s in c.get("cudagraph_skipped", [])) or "-"
-            out.append(f"| {key} | {buckets} | {c['compile_seconds']} | {skipped} |")
+            out.append(f"| {key.replace('|', ' / ')} | {buckets} | {c['compile_seconds']} | {skipped} |")
     if results.get("gate"):
         g = results["gate"]
         out += ["", f"## Gate vs {g['baseline']} (tolerance {g['tolerance']:.0%}): "
