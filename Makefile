@@ -4,12 +4,13 @@ VENV ?= .venv
 DATA_DIR ?= $(if $(THESEUS_DATA_DIR),$(THESEUS_DATA_DIR),../shared/data/glue)
 RUNS ?= runs
 
-.PHONY: install test test-gpu demo results bench-smoke bench-baseline clean
+.PHONY: install test test-gpu gpu-check demo results bench-smoke bench-baseline clean
 
-$(VENV)/.installed: setup.py requirements-cpu.txt
+# constraints.txt: the exact tested versions of torch, transformers, onnxruntime, onnx, onnxscript, accelerate
+$(VENV)/.installed: setup.py requirements-cpu.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements-cpu.txt
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -r requirements-cpu.txt
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,6 +20,13 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -q -m "gpu or trt" tests
+
+# On a CUDA machine (no `make install`: keep its CUDA torch): GPU tests + GPU bench into one folder,
+# under 8 minutes. make gpu-check PY=python3 GPU_OUT=gpu-out BERT_CONFIG=<bert-base folder> DATA_DIR=<glue_data>
+GPU_OUT ?= runs/gpu-check
+BERT_CONFIG ?= $(if $(THESEUS_BERT_CONFIG),$(THESEUS_BERT_CONFIG),../shared/models/bert-base-uncased)
+gpu-check:
+	PY=$(PY) bash scripts/gpu_check.sh $(GPU_OUT) $(BERT_CONFIG) $(DATA_DIR)
 
 demo: install
 	bash scripts/demo.sh

@@ -19,14 +19,15 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "onnx>=1.16",
-        "onnxruntime>=1.18",
+        # 1.31 added the fusion patterns of transformers 5's attention: 1.30 fuses no Attention.
+        "onnxruntime>=1.31",
         "onnxscript>=0.3",
         "matplotlib>=3.7",
         "psutil>=5.9",
     ],
     extras_require={
-        "gpu": ["onnxruntime-gpu>=1.18"],
-        "trt": ["tensorrt>=10.0", "onnxruntime-gpu>=1.18"],
+        "gpu": ["onnxruntime-gpu>=1.31"],
+        "trt": ["tensorrt>=10.0", "onnxruntime-gpu>=1.31"],
         "dev": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["theseus-deploy=theseus_deploy.cli:main"]},

@@ -119,8 +119,8 @@ def test_cli_end_to_end_reports_and_gate(pair, tmp_path):
             "--update-baseline", str(tmp_path / "base.json")]
     r = CliRunner().invoke(cli, [*args, "--output", str(out)])
     assert r.exit_code == 0, r.output
-    for f in ("results.json", "results.csv", "report.md", "config.json", "latency_vs_seq.png",
-              "speedup_succ-L2_torch.png", "speedup_succ-L2_onnx.png"):
+    for f in ("results.json", "results.csv", "report.md", "config.json", "latency.png", "speedup.png",
+              "speedup_summary.png"):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())
     assert len(res["cells"]) == 2 * 2 * 2 * 2
@@ -188,3 +188,76 @@ def test_real_traffic_on_custom_files(pair, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert {t["num_sentences"] for t in res["traffic"]} == {20}
+
+
+def test_traffic_warms_every_distinct_shape_before_timing(pair, monkeypatch):
+    """Every runner meets every distinct batch shape of both paddings untimed, before the first
+    timed pass; the timed passes then meet no new shape; the median of 3 rounds is reported."""
+    from theseus_deploy.bench import traffic as T
+    from theseus_deploy.hf import load_tokenizer
+
+    timing = {"started": False}
+    real_clock = time.perf_counter
+
+    def clock():
+        timing["started"] = True
+        return real_clock()
+
+    monkeypatch.setattr(T.time, "perf_counter", clock)
+
+    class Recorder:
+        input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self):
+            self.warm, self.timed = [], []
+
+        def encode(self, raw):
+            return raw
+
+        def __call__(self, feeds):
+            (self.timed if timing["started"] else self.warm).append(feeds["input_ids"].shape)
+
+        def synchronize(self):
+            pass
+
+    entries = [Entry(f"m{i}", "predecessor" if i == 0 else "successor", "torch", Recorder(), None) for i in range(2)]
+    texts = [("word " * (1 + (i * 7) % 23), None) for i in range(40)]
+    res = T.run_traffic(entries, load_tokenizer(str(pair[0])), texts, batch_size=8, max_length=32, rounds=3)
+    for e in entries:
+        warm, timed = e.runner.warm, e.runner.timed
+        assert set(timed) <= set(warm), "a timed pass met a shape that was not warmed up"
+        fixed = [s for s in timed if s[1] == 32]
+        assert len(set(timed)) > 2 and len(warm) == len(set(warm))  # several widths, each warmed once
+        assert len(timed) == 3 * (5 + 5) and len(fixed) >= 3 * 5  # 3 rounds x 5 batches x 2 paddings
+    assert {r["rounds"] for r in res} == {3} and all(r["warmup_shapes"] >= 1 for r in res)
+
+
+def test_plots_follow_the_sweep_shape_and_need_no_matplotlib(pair, tmp_path, monkeypatch):
+    """One sequence length: bars; several: lines. One speedup figure with a panel per backend, a
+    summary vs PyTorch fp32. Without matplotlib: no plots, no failure (a bare GPU image)."""
+    import sys
+
+    from theseus_deploy.bench import report
+
+    out = tmp_path / "one"
+    r = CliRunner().invoke(cli, ["bench", "--model", str(pair[0]), "--model", str(pair[1]), "--backend", "torch",
+                                 "--backend", "torch-bf16", "--batch-sizes", "1,2", "--seq-lens", "16", "--iterations",
+                                 "2", "--rounds", "2", "--min-seconds", "0", "--warmup", "0", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    import matplotlib.pyplot as plt
+
+    bars = report._latency_figure(plt, res)
+    assert len(bars.axes) == 2 and all(len(ax.patches) == 2 * 2 and not ax.lines for ax in bars.axes)
+    assert bars.legends and not any(ax.get_legend() for ax in bars.axes)  # one legend, outside the panels
+    speed = report._speedup_figure(plt, res, [x for x in res["speedups"] if "vs_predecessor_same_backend" in x])
+    assert [ax.get_title() for ax in speed.axes] == ["torch", "torch-bf16"]
+    several = dict(res, cells=res["cells"] + [dict(c, seq_len=32) for c in res["cells"]])
+    lines = report._latency_figure(plt, several)
+    assert all(len(ax.lines) == 2 * 2 and not ax.patches for ax in lines.axes)
+    plt.close("all")
+    assert sorted(p.name for p in out.glob("*.png")) == ["latency.png", "speedup.png", "speedup_summary.png"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert report.plots(res, tmp_path) == []
+    assert report.main([str(out / "results.json"), str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()

@@ -222,3 +222,52 @@ def test_ort_cuda_runner_matches_cpu(bert_export):
         assert np.abs(gpu.logits(gpu.encode(raw)) - cpu.logits(cpu.encode(raw))).max() < 1e-3
     clf = TextClassifier.load(str(out), backend="onnx-fp16", device="cuda")
     assert len(clf(["a great movie", "a dull film"])) == 2
+
+
+def _fusion_off(monkeypatch):
+    """Stand-in for onnxruntime < 1.31 (whose patterns miss transformers 5's attention): the same
+    fusion pass with attention and embedding fusion switched off."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    real = optimizer.optimize_model
+
+    def unfused(*args, **kwargs):
+        opts = FusionOptions("bert")
+        opts.enable_attention = opts.enable_embed_layer_norm = False
+        return real(*args, optimization_options=opts, **kwargs)
+
+    monkeypatch.setattr(optimizer, "optimize_model", unfused)
+
+
+def test_unfused_attention_fails_with_one_line_naming_onnxruntime(tiny_bert, tmp_path, monkeypatch):
+    import onnxruntime
+
+    _fusion_off(monkeypatch)
+    out = tmp_path / "unfused"
+    r = CliRunner().invoke(cli, ["export", "--model", str(tiny_bert), "--format", "onnx", "--output", str(out),
+                                 "--no-validate"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    errors = [x for x in r.output.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), r.output
+    line = errors[0]
+    assert f"onnxruntime {onnxruntime.__version__}" in line and "0 Attention for 4 layers" in line
+    assert "no EmbedLayerNormalization" in line and "--allow-unfused" in line
+    assert not out.exists()
+    # the flag keeps the unfused graph, and the manifest says what was (not) fused
+    m = export_model(str(tiny_bert), ["onnx"], str(out), validate=False, allow_unfused=True)
+    ops = m["artifacts"][0]["fused_ops"]
+    assert ops["Attention"] == 0 and ops["EmbedLayerNormalization"] == 0 and (out / "model.onnx").is_file()
+
+
+def test_check_fusion_counts():
+    from theseus_deploy.export.onnx import check_fusion
+
+    bert = {"model_type": "bert", "num_layers": 4}
+    check_fusion({"Attention": 4, "EmbedLayerNormalization": 1}, bert)
+    with pytest.raises(UsageError, match="3 Attention for 4 layers"):
+        check_fusion({"Attention": 3, "EmbedLayerNormalization": 1}, bert)
+    with pytest.raises(UsageError, match="no EmbedLayerNormalization"):
+        check_fusion({"Attention": 4}, bert)
+    check_fusion({"Attention": 4}, {"model_type": "roberta", "num_layers": 4})  # RoBERTa keeps its embeddings
+    check_fusion({}, {"model_type": "mpnet", "num_layers": 4})  # relative attention bias: never fused

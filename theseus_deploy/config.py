@@ -203,6 +203,8 @@ class ExportConfig(Checked):
     int8_per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
                                  flag="--int8-per-channel/--int8-per-tensor")
     int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
+    allow_unfused: bool = opt(False, "Keep a BERT/RoBERTa graph whose attention ONNX Runtime did not fuse (onnxruntime "
+                                     "< 1.31 with transformers 5): it runs, but slower. Default: fail with an error.")
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
@@ -238,7 +240,10 @@ class BenchConfig(Checked):
     max_eval_samples: int | None = opt(None, "Real traffic: only the first N dev examples.", ge=1)
     traffic_batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
     traffic_max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
-    traffic_rounds: int = opt(1, "Real traffic: interleaved rounds.", ge=1)
+    seq_bucket: int = opt(32, "torch-compile*: pad sequences to a multiple of this (batches to a power of two), "
+                              "so that the number of compiled graphs is bounded.", ge=1)
+    traffic_rounds: int = opt(3, "Real traffic: interleaved rounds (the median is reported), after an untimed pass "
+                                 "over every distinct batch shape.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
 

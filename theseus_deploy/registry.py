@@ -37,12 +37,17 @@ _FORMATS = [
     Format("onnx-fp16-trt", "model-fp16-trt.onnx", (), "unfused fp16 graph, standard ops only, for TensorRT"),
     Format("trt", "model-fp16.plan", ("onnx-fp16-trt",), "TensorRT FP16 engine (NVIDIA GPU)"),
     Format("torch-bf16", None, (), "nothing written: PyTorch bf16 validated like an artifact"),
+    Format("torch-compile", None, (), "nothing written (load-time): torch.compile (Inductor) validated like an artifact"),
+    Format("torch-compile-bf16", None, (), "nothing written (load-time): torch.compile in bf16 (AVX512-BF16/AMX CPUs)"),
 ]
 
 _BACKENDS = [
     Backend("torch", None, ("cpu", "cuda"), "PyTorch eager fp32"),
     Backend("torch-bf16", None, ("cpu", "cuda"), "PyTorch eager bf16 (AVX512-BF16/AMX CPUs, GPUs)"),
     Backend("torch-fp16", None, ("cuda",), "PyTorch eager fp16"),
+    Backend("torch-compile", None, ("cpu", "cuda"), "torch.compile fp32 over shape buckets: CUDA graphs on GPU, Inductor on CPU"),
+    Backend("torch-compile-bf16", None, ("cpu", "cuda"), "torch.compile bf16 (CPU: AVX512-BF16/AMX only)"),
+    Backend("torch-compile-fp16", None, ("cuda",), "torch.compile fp16 with CUDA graphs"),
     Backend("onnx", "onnx", ("cpu", "cuda"), "ONNX Runtime, fused fp32 graph"),
     Backend("onnx-int8", "onnx-int8", ("cpu", "cuda"), "ONNX Runtime, dynamic INT8 graph"),
     Backend("onnx-fp16", "onnx-fp16", ("cpu", "cuda"), "ONNX Runtime, fused fp16 graph (CUDA EP; on CPU for validation)"),

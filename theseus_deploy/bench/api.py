@@ -71,6 +71,12 @@ def check_backends(backends, device: str):
 
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
+    if any(b.startswith("torch-compile") for b in backends):
+        from theseus_deploy.export.runtime import CompiledRunner
+
+        for b in backends:
+            if b.startswith("torch-compile"):
+                CompiledRunner.precheck(b, device)
     if "trt" in backends:
         from theseus_deploy.export.trt import check_trt_available
 
@@ -88,9 +94,9 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
               seq_lens="32,128,384", warmup: int = 3, iterations: int = 10, min_seconds: float = 0.5, rounds: int = 5,
               threads: int | None = None, check: str | None = None, tolerance: float = 0.1, task: str | None = None,
               data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
-              traffic_max_length: int = 128, traffic_rounds: int = 1, update_baseline: str | None = None,
+              traffic_max_length: int = 128, traffic_rounds: int = 3, update_baseline: str | None = None,
               train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
-              label_column: str | None = None,
+              label_column: str | None = None, seq_bucket: int = 32,
               overwrite: bool = False, show_progress: bool = True) -> dict:
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -116,7 +122,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     from tqdm.auto import tqdm
 
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.export.runtime import TorchRunner, load_runner
+    from theseus_deploy.export.runtime import load_runner, torch_runner
 
     from . import gate as G
     from .env import environment
@@ -148,12 +154,19 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                 if export_format(b) is None:
                     from theseus_deploy.hf import load_classifier
 
-                    runner = TorchRunner(load_classifier(sp["path"]), b, device, threads)
+                    runner = torch_runner(load_classifier(sp["path"]), b, device, threads, seq_bucket)
                 else:
                     runner = load_runner(str(art_dir), b, device, threads)
                     runner.vocab_size = sp["config"].vocab_size
                 entries.append(Entry(sp["tag"], sp["role"], b, runner, sp["config"]))
         shapes = [(b, s) for b in bs for s in ss]
+        compiled = {}
+        for e in entries:  # torch-compile*: compile every bucket of the sweep now, not in a timed call
+            if hasattr(e.runner, "compiled_buckets"):
+                t = time.time()
+                compiled[e.key] = {"buckets": [list(x) for x in e.runner.warmup(shapes)],
+                                   "compile_seconds": round(time.time() - t, 1),
+                                   "cudagraph_skipped": [list(x) for x in e.runner.cudagraph_skipped]}
         total = len(shapes) * rounds * len(entries) + (2 * len(entries) * traffic_rounds if data else 0)
         progress = tqdm(total=total, desc="bench", disable=not show_progress, dynamic_ncols=True)
         t0 = time.time()
@@ -165,15 +178,21 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             traffic = run_traffic(entries, load_tokenizer(specs[0]["path"]), data.texts, traffic_batch_size,
                                   traffic_max_length, traffic_rounds, progress)
         progress.close()
+        for e in entries:  # traffic's warm-up may have compiled more buckets (its padded widths)
+            if e.key in compiled:
+                compiled[e.key]["buckets"] = [list(x) for x in e.runner.compiled_buckets]
+                compiled[e.key]["cudagraph_skipped"] = [list(x) for x in e.runner.cudagraph_skipped]
         config = {"models": list(models), "layers": list(layers), "backends": backends, "device": device,
                   "batch_sizes": bs, "seq_lens": ss, "warmup": warmup, "iterations": iterations,
                   "min_seconds": min_seconds, "rounds": rounds, "threads": threads or torch.get_num_threads(),
                   "task": task, "data_dir": data_dir, "max_eval_samples": max_eval_samples,
                   "traffic_batch_size": traffic_batch_size, "traffic_max_length": traffic_max_length,
-                  "check": check, "tolerance": tolerance}
+                  "traffic_rounds": traffic_rounds,
+                  "check": check, "tolerance": tolerance, "seq_bucket": seq_bucket}
         results = {"config": config, "environment": environment(threads),
                    "models": [{k: (v if k != "config" else v.to_dict()) for k, v in s.items()} for s in specs],
                    "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,
+                   "compiled": compiled or None,
                    "seconds": round(time.time() - t0, 1)}
         if check:
             results["gate"] = {"baseline": check, "tolerance": tolerance,
@@ -183,6 +202,10 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             write_csv(cells, tmp / "results.csv")
             (tmp / "report.md").write_text(markdown(results))
             results["plots"] = plots(results, tmp)
+            if not results["plots"]:
+                with open(tmp / "report.md", "a") as f:
+                    f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
+                            "results.json DIR draws them elsewhere).\n")
             write_json(tmp / "config.json", config)
         if update_baseline:
             write_json(update_baseline, G.baseline_from(results))

@@ -7,6 +7,9 @@
                (the fused graph's com.microsoft ops are unknown to TensorRT's parser)
     trt        TensorRT engine built from onnx-fp16-trt with one optimisation profile
     torch-bf16 nothing to write: PyTorch bf16 (AMX CPUs) validated like an artifact
+    torch-compile, torch-compile-bf16
+               load-time only, nothing written: torch.compile (Inductor on CPU) validated like an
+               artifact; the compiled graph lives in the process that loads the model
 Everything is built in a temporary folder and renamed into place only when every format was
 built and validated, so a failed export leaves nothing behind.
 """
@@ -54,7 +57,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
                  threads: int | None = None, max_task_drop: float = 0.01, int8_per_channel: bool = True,
-                 int8_reduce_range: bool = False) -> dict:
+                 int8_reduce_range: bool = False, allow_unfused: bool = False) -> dict:
     from theseus_deploy.hf import check_model_source, load_classifier, load_config, load_tokenizer, max_positions
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -77,6 +80,11 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                                  opt_batch_size, opt_seq_length)
     if "trt" in formats:
         check_trt_available()
+    for f in formats:
+        if f.startswith("torch-compile"):
+            from .runtime import CompiledRunner
+
+            CompiledRunner.precheck(f, "cpu")  # a C++ compiler for Inductor; bf16 CPU features
     check_output_dir(output, overwrite, protected=[model_dir, data_dir])
     # The model and tokenizer load (and are checked: weights match the config, finite) before any file is written.
     reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
@@ -89,9 +97,9 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         if mapping is not None:
             data.labels = mapping[data.labels]
 
-    from .onnx import export_onnx, fuse, plain_fp16
+    from .onnx import check_fusion, export_onnx, fuse, plain_fp16
     from .ort import quantize_int8
-    from .runtime import OrtRunner, TorchRunner
+    from .runtime import OrtRunner, TorchRunner, torch_runner
     from .validate import check_task_drop, shapes_for, task_metric
     from .validate import validate as check
 
@@ -113,10 +121,9 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         for fmt in todo:
             t0 = time.time()
             entry = {"format": fmt, "file": FILES.get(fmt)}
-            if fmt == "onnx":
-                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info)
-            elif fmt == "onnx-fp16":
-                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=True)
+            if fmt in ("onnx", "onnx-fp16"):
+                entry["fused_ops"] = fuse(raw, tmp / FILES[fmt], info, fp16=fmt == "onnx-fp16")
+                check_fusion(entry["fused_ops"], info, allow_unfused)
             elif fmt == "onnx-fp16-trt":
                 entry["ops"] = plain_fp16(raw, tmp / FILES[fmt])
             elif fmt == "onnx-int8":
@@ -130,8 +137,8 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                 entry.update(build_engine(tmp / FILES["onnx-fp16-trt"], tmp / FILES[fmt], info["input_names"], profile))
             entry["build_seconds"] = round(time.time() - t0, 2)
             runner = None
-            if fmt == "torch-bf16":
-                runner = TorchRunner(load_classifier(model_dir), "torch-bf16", "cpu", threads)
+            if fmt.startswith("torch-"):
+                runner = torch_runner(load_classifier(model_dir), fmt, "cpu", threads)
             elif fmt == "trt":
                 from .trt import TrtRunner
 

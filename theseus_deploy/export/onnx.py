@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from theseus_deploy.errors import UsageError
+
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "SkipLayerNormalization",
              "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
 # onnxruntime's optimizer knows these encoder graphs by these names.
@@ -96,6 +98,35 @@ def plain_fp16(src: Path, dst: Path) -> dict:
     ops = count_ops(dst)
     return {"standard_ops_only": True, "LayerNormalization": ops.get("LayerNormalization", 0),
             "MatMul": ops.get("MatMul", 0), "Softmax": ops.get("Softmax", 0)}
+
+
+# What ONNX Runtime's fusion must give per encoder type (measured with onnxruntime 1.32 and
+# transformers 5.24 on tiny models): BERT fuses one Attention per layer and the embeddings into
+# EmbedLayerNormalization; RoBERTa fuses attention but keeps its embeddings unfused; MPNet's
+# relative position bias keeps attention unfused by design, so it is not checked. On onnxruntime
+# 1.30 the BERT export fused 0 Attention and 0 EmbedLayerNormalization: 1.31 added the mask-path
+# patterns of transformers 5's eager attention. An unfused graph runs, but slower.
+EXPECTED_FUSION = {"bert": ("Attention", "EmbedLayerNormalization"), "roberta": ("Attention",)}
+
+
+def check_fusion(ops: dict, info: dict, allow_unfused: bool = False) -> None:
+    """UsageError (one line naming the onnxruntime version) when an encoder graph whose fusion we
+    know did not fuse: Attention count != number of layers, or no EmbedLayerNormalization."""
+    want = EXPECTED_FUSION.get(info.get("model_type"))
+    if not want or allow_unfused:
+        return
+    layers = info["num_layers"]
+    missing = []
+    if "Attention" in want and ops.get("Attention", 0) != layers:
+        missing.append(f"{ops.get('Attention', 0)} Attention for {layers} layers")
+    if "EmbedLayerNormalization" in want and ops.get("EmbedLayerNormalization", 0) < 1:
+        missing.append("no EmbedLayerNormalization")
+    if missing:
+        import onnxruntime
+
+        raise UsageError(f"onnxruntime {onnxruntime.__version__} did not fuse the {info['model_type']} graph "
+                         f"({', '.join(missing)}): install onnxruntime>=1.31 (see constraints.txt), or pass "
+                         f"--allow-unfused to keep the unfused, slower graph")
 
 
 def fuse(src: Path, dst: Path, info: dict, fp16: bool = False) -> dict:
