@@ -194,6 +194,19 @@ class ExportConfig(Checked):
     int8_per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
                                  flag="--int8-per-channel/--int8-per-tensor")
     int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
+    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate the activation "
+                                             "scales (a GLUE task, or 'custom' with --calibration-file). Default: --task.")
+    calibration_file: str | None = opt(None, "--calibration-task custom: file of texts (.csv, .tsv, .json/.jsonl).")
+    calibration_text_columns: str | None = opt(None, "--calibration-task custom: text column(s), a[,b].")
+    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts (the first N).", ge=1)
+    calibration_seq_length: int | None = opt(None, "onnx-int8-static: calibration texts are padded/truncated to this "
+                                                   "length (default: min(128, --max-seq-length)).", ge=1)
+    int8_static_format: str = opt("qdq", "onnx-int8-static: QDQ (QuantizeLinear/DequantizeLinear pairs) or QOperator "
+                                         "(QLinearMatMul) nodes.", choices=["qdq", "qoperator"])
+    int8_static_attention: str = opt("dynamic", "onnx-int8-static: the fused Attention nodes (which ONNX Runtime's static "
+                                                "quantiser cannot take): QAttention with its input quantised per call "
+                                                "(dynamic) or with a calibrated scale (static), or kept fp32.",
+                                     choices=["dynamic", "static", "fp32"])
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
@@ -230,6 +243,11 @@ class BenchConfig(Checked):
     traffic_batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
     traffic_max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
     traffic_rounds: int = opt(1, "Real traffic: interleaved rounds.", ge=1)
+    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate it (default: --task).")
+    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts.", ge=1)
+    ort_session: str = opt("default", "ONNX Runtime CPU session options: default, or latency (intra-op threads = physical "
+                                      "cores, inter-op 1, spinning, sequential; docs/bench.md 'CPU batch 1').",
+                           choices=["default", "latency"])
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
 
