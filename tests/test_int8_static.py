@@ -125,3 +125,14 @@ def test_bench_static_backend(tiny_bert, tmp_path):
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert {c["backend"] for c in res["cells"]} == {"onnx-int8", "onnx-int8-static"}
     assert res["config"]["ort_session"] == "latency" and res["config"]["calibration"]["calibration_task"] == "custom"
+
+
+def test_fully_static_attention_has_no_dynamic_quantisation(tiny_bert, glue_dir, tmp_path):
+    m = export_model(str(tiny_bert), ["onnx-int8-static"], str(tmp_path / "o"), max_seq_length=64, task="sst2",
+                     data_dir=str(glue_dir), max_eval_samples=64, calibration_samples=16, int8_static_attention="static")
+    (art,) = m["artifacts"]
+    ops = art["quantized_ops"]
+    assert ops["QAttention"] == 4 and ops["DynamicQuantizeLinear"] == 0 and ops["QuantizeLinear"] > 0
+    assert art["quantization"]["attention"] == "static"
+    assert all(s["max_abs_diff"] <= s["tolerance"] for s in art["validation"]["shapes"])
+    assert abs(art["validation"]["task"]["delta_vs_pytorch"]) <= 0.01 + 1e-9

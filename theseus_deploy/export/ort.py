@@ -62,8 +62,8 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
 
     class Reader(CalibrationDataReader):
         def __init__(self, batches):
@@ -84,15 +84,15 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
         typed = Path(tmp) / "typed.onnx"
         onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True), str(typed))
         src = typed
-        # Activations u8 (asymmetric: after GELU and layer norm ranges are lopsided), weights s8:
-        # the pair ONNX Runtime's VNNI kernels take. MatMul only: the Gather of the embeddings is
-        # fused into EmbedLayerNormalization and stays fp32.
-        quantize_static(str(src), str(dst if attention == "fp32" else staged), Reader(feeds), quant_format=fmt,
-                        op_types_to_quantize=["MatMul"], per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
-                        calibration_providers=["CPUExecutionProvider"])
+        import logging
+
+        root, level = logging.getLogger(), logging.getLogger().level
+        root.setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint per call on the root logger
+        try:
+            _quantize_static(quantize_static, src, dst if attention == "fp32" else staged, Reader(feeds), fmt,
+                             per_channel)
+        finally:
+            root.setLevel(level)
         if attention in ("dynamic", "static"):
             quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                              op_types_to_quantize=["Attention"],
@@ -104,6 +104,20 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
     ops = count_ops(dst)
     return {op: ops.get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QAttention",
                                            "MatMul", "Attention", "MatMulInteger", "DynamicQuantizeLinear")}
+
+
+def _quantize_static(quantize_static, src, dst, reader, fmt, per_channel):
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+
+    # Activations u8 (asymmetric: after GELU and layer norm ranges are lopsided), weights s8:
+    # the pair ONNX Runtime's VNNI kernels take. MatMul only: the Gather of the embeddings is
+    # fused into EmbedLayerNormalization and stays fp32.
+    quantize_static(str(src), str(dst), reader, quant_format=fmt, op_types_to_quantize=["MatMul"],
+                    per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "MatMulConstBOnly": True},
+                    calibration_providers=["CPUExecutionProvider"])
 
 
 def _static_attention_inputs(fp32: Path, path: Path, feeds: list[dict]) -> int:
