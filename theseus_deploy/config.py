@@ -205,6 +205,19 @@ class ExportConfig(Checked):
     int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
     allow_unfused: bool = opt(False, "Keep a BERT/RoBERTa graph whose attention ONNX Runtime did not fuse (onnxruntime "
                                      "< 1.31 with transformers 5): it runs, but slower. Default: fail with an error.")
+    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate the activation "
+                                             "scales (a GLUE task, or 'custom' with --calibration-file). Default: --task.")
+    calibration_file: str | None = opt(None, "--calibration-task custom: file of texts (.csv, .tsv, .json/.jsonl).")
+    calibration_text_columns: str | None = opt(None, "--calibration-task custom: text column(s), a[,b].")
+    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts (the first N).", ge=1)
+    calibration_seq_length: int | None = opt(None, "onnx-int8-static: calibration texts are padded/truncated to this "
+                                                   "length (default: min(128, --max-seq-length)).", ge=1)
+    int8_static_format: str = opt("qdq", "onnx-int8-static: QDQ (QuantizeLinear/DequantizeLinear pairs) or QOperator "
+                                         "(QLinearMatMul) nodes.", choices=["qdq", "qoperator"])
+    int8_static_attention: str = opt("dynamic", "onnx-int8-static: the fused Attention nodes (which ONNX Runtime's static "
+                                                "quantiser cannot take): QAttention with its input quantised per call "
+                                                "(dynamic) or with a calibrated scale (static), or kept fp32.",
+                                     choices=["dynamic", "static", "fp32"])
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
@@ -244,6 +257,11 @@ class BenchConfig(Checked):
                               "so that the number of compiled graphs is bounded.", ge=1)
     traffic_rounds: int = opt(3, "Real traffic: interleaved rounds (the median is reported), after an untimed pass "
                                  "over every distinct batch shape.", ge=1)
+    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate it (default: --task).")
+    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts.", ge=1)
+    ort_session: str = opt("default", "ONNX Runtime CPU session options: default, or latency (intra-op threads = physical "
+                                      "cores, inter-op 1, spinning, sequential; docs/bench.md 'CPU batch 1').",
+                           choices=["default", "latency"])
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
 

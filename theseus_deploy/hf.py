@@ -6,7 +6,6 @@ that "model not found" means the same thing, and says the same thing, everywhere
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 
 from .errors import UsageError

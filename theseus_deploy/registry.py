@@ -33,6 +33,8 @@ class Backend:
 _FORMATS = [
     Format("onnx", "model.onnx", (), "fp32 graph with ONNX Runtime's transformer fusion"),
     Format("onnx-int8", "model-int8.onnx", ("onnx",), "dynamic INT8 quantisation of the fused graph (CPU)"),
+    Format("onnx-int8-static", "model-int8-static.onnx", ("onnx",),
+           "static INT8 of the fused graph, activation scales calibrated on training texts (CPU)"),
     Format("onnx-fp16", "model-fp16.onnx", (), "fused graph in fp16 with fp32 I/O (ONNX Runtime CUDA)"),
     Format("onnx-fp16-trt", "model-fp16-trt.onnx", (), "unfused fp16 graph, standard ops only, for TensorRT"),
     Format("trt", "model-fp16.plan", ("onnx-fp16-trt",), "TensorRT FP16 engine (NVIDIA GPU)"),
@@ -50,6 +52,7 @@ _BACKENDS = [
     Backend("torch-compile-fp16", None, ("cuda",), "torch.compile fp16 with CUDA graphs"),
     Backend("onnx", "onnx", ("cpu", "cuda"), "ONNX Runtime, fused fp32 graph"),
     Backend("onnx-int8", "onnx-int8", ("cpu", "cuda"), "ONNX Runtime, dynamic INT8 graph"),
+    Backend("onnx-int8-static", "onnx-int8-static", ("cpu",), "ONNX Runtime, static (calibrated) INT8 graph"),
     Backend("onnx-fp16", "onnx-fp16", ("cpu", "cuda"), "ONNX Runtime, fused fp16 graph (CUDA EP; on CPU for validation)"),
     Backend("onnx-trt-ep", "onnx-fp16-trt", ("cuda",), "ONNX Runtime's TensorRT execution provider"),
     Backend("trt", "trt", ("cuda",), "a TensorRT engine"),

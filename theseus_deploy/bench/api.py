@@ -96,7 +96,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
               data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
               traffic_max_length: int = 128, traffic_rounds: int = 3, update_baseline: str | None = None,
               train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
-              label_column: str | None = None, seq_bucket: int = 32,
+              label_column: str | None = None, seq_bucket: int = 32, calibration_task: str | None = None,
+              calibration_samples: int = 256, ort_session: str = "default",
               overwrite: bool = False, show_progress: bool = True) -> dict:
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -109,6 +110,14 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     check_backends(backends, device)
     if check and not Path(check).is_file():
         raise UsageError(f"baseline not found: {check}")
+    static_kw = {}
+    if "onnx-int8-static" in backends:  # calibration texts: the training split of --calibration-task / --task
+        if not (calibration_task or task):
+            raise UsageError("backend onnx-int8-static needs calibration texts: give --calibration-task (or --task)")
+        static_kw = {"calibration_task": calibration_task or task, "calibration_samples": calibration_samples,
+                     "data_dir": data_dir}
+        if static_kw["calibration_task"] == "custom":  # the user's files: the texts the traffic times
+            static_kw.update(calibration_file=train_file or validation_file, calibration_text_columns=text_columns)
     check_output_dir(output, overwrite, protected=[*models, check, data_dir, train_file, validation_file])
     data = None
     if task:
@@ -149,14 +158,14 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
             if onnx_formats:
                 art_dir = work / "artifacts" / sp["tag"]
                 export_model(sp["path"], onnx_formats, str(art_dir), max_batch_size=max(bs + [traffic_batch_size]),
-                             max_seq_length=max_seq, threads=threads)
+                             max_seq_length=max_seq, threads=threads, **static_kw)
             for b in backends:
                 if export_format(b) is None:
                     from theseus_deploy.hf import load_classifier
 
                     runner = torch_runner(load_classifier(sp["path"]), b, device, threads, seq_bucket)
                 else:
-                    runner = load_runner(str(art_dir), b, device, threads)
+                    runner = load_runner(str(art_dir), b, device, threads, session_config=ort_session)
                     runner.vocab_size = sp["config"].vocab_size
                 entries.append(Entry(sp["tag"], sp["role"], b, runner, sp["config"]))
         shapes = [(b, s) for b in bs for s in ss]
@@ -188,7 +197,8 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
                   "task": task, "data_dir": data_dir, "max_eval_samples": max_eval_samples,
                   "traffic_batch_size": traffic_batch_size, "traffic_max_length": traffic_max_length,
                   "traffic_rounds": traffic_rounds,
-                  "check": check, "tolerance": tolerance, "seq_bucket": seq_bucket}
+                  "check": check, "tolerance": tolerance, "seq_bucket": seq_bucket, "ort_session": ort_session,
+                  "calibration": static_kw or None}
         results = {"config": config, "environment": environment(threads),
                    "models": [{k: (v if k != "config" else v.to_dict()) for k, v in s.items()} for s in specs],
                    "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,

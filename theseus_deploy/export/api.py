@@ -2,6 +2,7 @@
 
     onnx       fp32 graph (dynamic batch/sequence) -> ORT transformer fusion
     onnx-int8  dynamic INT8 quantisation of the fused fp32 graph (CPU)
+    onnx-int8-static  static INT8 (QDQ or QOperator), activation scales calibrated on training texts
     onnx-fp16  fused graph converted to fp16, fp32 I/O (ONNX Runtime's CUDA execution provider)
     onnx-fp16-trt  the UNfused graph in fp16 (layer norm fp32): standard ops only, for TensorRT
                (the fused graph's com.microsoft ops are unknown to TensorRT's parser)
@@ -57,7 +58,10 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                  validate: bool = True, atol: float | None = None, task: str | None = None,
                  data_dir: str | None = None, max_eval_samples: int | None = None, overwrite: bool = False,
                  threads: int | None = None, max_task_drop: float = 0.01, int8_per_channel: bool = True,
-                 int8_reduce_range: bool = False, allow_unfused: bool = False) -> dict:
+                 int8_reduce_range: bool = False, allow_unfused: bool = False, calibration_task: str | None = None,
+                 calibration_file: str | None = None, calibration_text_columns: str | None = None,
+                 calibration_samples: int = 256, calibration_seq_length: int | None = None,
+                 int8_static_format: str = "qdq", int8_static_attention: str = "dynamic") -> dict:
     from theseus_deploy.hf import check_model_source, load_classifier, load_config, load_tokenizer, max_positions
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
@@ -85,7 +89,17 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             from .runtime import CompiledRunner
 
             CompiledRunner.precheck(f, "cpu")  # a C++ compiler for Inductor; bf16 CPU features
-    check_output_dir(output, overwrite, protected=[model_dir, data_dir])
+    calibration = None
+    if "onnx-int8-static" in formats:  # calibration texts: checked before anything is written
+        from .calibration import load_calibration
+
+        calib_seq = min(calibration_seq_length or 128, profile.max[1])
+        calib_texts, calibration = load_calibration(calibration_task or task, data_dir, calibration_file,
+                                                    calibration_text_columns, calibration_samples)
+        calibration.update({"seq_length": calib_seq, "batch_size": 1, "method": "minmax"})
+    elif calibration_task or calibration_file:
+        raise UsageError("--calibration-task / --calibration-file only apply to --format onnx-int8-static")
+    check_output_dir(output, overwrite, protected=[model_dir, data_dir, calibration_file])
     # The model and tokenizer load (and are checked: weights match the config, finite) before any file is written.
     reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
     data = None
@@ -131,6 +145,15 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
                                                        int8_reduce_range)
                 entry["quantization"] = {"mode": "dynamic", "weights": "int8",
                                          "per_channel": int8_per_channel, "reduce_range": int8_reduce_range}
+            elif fmt == "onnx-int8-static":
+                from .ort import calibration_feeds, quantize_int8_static
+
+                feeds = calibration_feeds(tokenizer, calib_texts, info["input_names"], calibration["seq_length"])
+                entry["quantized_ops"] = quantize_int8_static(tmp / FILES["onnx"], tmp / FILES[fmt], feeds,
+                                                              int8_static_format, int8_per_channel, int8_static_attention)
+                entry["quantization"] = {"mode": "static", "format": int8_static_format, "weights": "int8",
+                                         "activations": "uint8", "per_channel": int8_per_channel,
+                                         "attention": int8_static_attention, "calibration": calibration}
             elif fmt == "trt":
                 from .trt import build_engine
 

@@ -279,14 +279,10 @@ class OrtRunner(Runner):
     """ONNX Runtime: CPU EP, or CUDA / TensorRT EPs when onnxruntime-gpu is installed."""
 
     def __init__(self, path: Path, backend: str, device: str = "cpu", threads: int | None = None,
-                 vocab_size: int = 30522, folder: Path | None = None):
+                 vocab_size: int = 30522, folder: Path | None = None, session_config: str = "default"):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
+        opts = ort_session_options(session_config, threads)
         if device == "cuda":
             need = check_ort_provider(backend)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -326,6 +322,53 @@ class OrtRunner(Runner):
     def logits(self, feeds) -> np.ndarray:
         out = self(feeds)
         return np.asarray(out.numpy() if self.device == "cuda" else out, dtype=np.float32)
+
+
+ORT_SESSION_CONFIGS = ("default", "latency")
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads counted once)."""
+    import os
+
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))
+
+
+def ort_session_options(config: str = "default", threads: int | None = None):
+    """ONNX Runtime session options.
+
+    default: full graph optimisation; `threads` (if given) intra-op threads and one inter-op thread.
+    latency: what a batch-1 caller wants: intra-op threads = physical cores (or `threads`),
+    inter-op 1, sequential execution, spinning worker threads kept on
+    (`session.intra_op.allow_spinning`), `session.dynamic_block_base` 4 (smaller, self-balancing
+    work blocks for the small GEMMs of batch 1), denormals flushed to zero. Measured in
+    docs/bench.md ("CPU batch 1"); ONNX Runtime's own defaults already give most of these, so it
+    is measured, not assumed, whether it buys anything.
+    """
+    import onnxruntime as ort
+
+    if config not in ORT_SESSION_CONFIGS:
+        raise UsageError(f"unknown ONNX Runtime session config '{config}' ({', '.join(ORT_SESSION_CONFIGS)})")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if config == "latency":
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        opts.add_session_config_entry("session.dynamic_block_base", "4")
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return opts
 
 
 def check_ort_provider(backend: str) -> str:
@@ -412,12 +455,14 @@ def torch_runner(model, backend: str, device: str = "cpu", threads: int | None =
 
 
 def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
-                artifact: str | None = None, verify_hash: bool = True, seq_bucket: int = 32) -> Runner:
+                artifact: str | None = None, verify_hash: bool = True, seq_bucket: int = 32,
+                session_config: str = "default") -> Runner:
     """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt).
 
     From an export folder, the artifact is the file manifest.json names, only inside that folder,
     and its sha256 must match the manifest's (`verify_hash=False` skips the check).
-    `seq_bucket`: torch-compile* pad sequences to a multiple of it (batches to a power of two)."""
+    `seq_bucket`: torch-compile* pad sequences to a multiple of it (batches to a power of two).
+    `session_config`: ONNX Runtime session options (`ort_session_options`: default or latency)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
     check_device(backend, device)
@@ -436,7 +481,8 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
 
         return TrtRunner(path, device=device)
     vocab = getattr(load_config(model), "vocab_size", 30522) if (Path(model) / "config.json").is_file() else 30522
-    return OrtRunner(path, backend, device, threads, vocab, folder=None if artifact else Path(model))
+    return OrtRunner(path, backend, device, threads, vocab, folder=None if artifact else Path(model),
+                     session_config=session_config)
 
 
 class TextClassifier:
@@ -448,13 +494,15 @@ class TextClassifier:
     @classmethod
     def load(cls, model: str, backend: str = "torch", device: str = "cpu", artifact: str | None = None,
              max_length: int = 128, threads: int | None = None, verify_hash: bool = True,
-             seq_bucket: int = 32) -> "TextClassifier":
+             seq_bucket: int = 32, session_config: str = "default") -> "TextClassifier":
         """`verify_hash`: check the artifact against the sha256 in manifest.json (see `load_runner`);
-        `seq_bucket`: the sequence bucket of torch-compile* backends."""
+        `seq_bucket`: the sequence bucket of torch-compile* backends; `session_config`: ONNX Runtime
+        session options (default or latency)."""
         from theseus_deploy.hf import load_config, load_tokenizer
 
         config = load_config(model)
-        runner = load_runner(model, backend, device, threads, artifact, verify_hash=verify_hash, seq_bucket=seq_bucket)
+        runner = load_runner(model, backend, device, threads, artifact, verify_hash=verify_hash, seq_bucket=seq_bucket,
+                             session_config=session_config)
         return cls(load_tokenizer(model), runner, {int(k): v for k, v in config.id2label.items()}, max_length)
 
     def warmup(self, shapes) -> list:
