@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from .arch import max_positions  # noqa: F401  (the position limit lives with the architecture)
 from .errors import UsageError
 
 
@@ -116,20 +117,6 @@ def check_loaded(name: str, model, info: dict) -> None:
     bad = [n for n, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise UsageError(f"model '{name}' has non-finite weights (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
-
-
-# Models whose position ids start after the padding index: max_position_embeddings includes that offset.
-POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
-
-
-def max_positions(config) -> int | None:
-    """The longest input (in tokens) the model's position table takes, or None if unbounded."""
-    n = getattr(config, "max_position_embeddings", None)
-    if n is None:
-        return None
-    if config.model_type in POSITION_OFFSET_TYPES:
-        n -= (getattr(config, "pad_token_id", None) or 0) + 1
-    return n
 
 
 def check_max_seq_length(config, max_seq_length: int, flag: str = "--max-seq-length") -> None:

@@ -21,8 +21,7 @@ from torch import nn
 
 from .errors import UsageError
 
-# Where encoders keep their layers, relative to `model.base_model`.
-LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
+from .arch import LAYER_PATHS, arch
 
 
 def find_layers(model: nn.Module) -> tuple[nn.Module, str, str]:
@@ -31,7 +30,8 @@ def find_layers(model: nn.Module) -> tuple[nn.Module, str, str]:
     prefix = getattr(model, "base_model_prefix", "")
     if base is model:
         prefix = ""
-    for path in LAYER_PATHS:
+    known = arch(getattr(getattr(model, "config", None), "model_type", None))
+    for path in ((known.layers,) if known else ()) + LAYER_PATHS:
         *parents, attr = path.split(".")
         parent = base
         for p in parents:

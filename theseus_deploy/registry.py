@@ -20,6 +20,12 @@ class Format:
     file: str | None        # the artifact's file name in the export folder; None: nothing is written
     needs: tuple = ()        # formats built first (their files are dropped unless asked for)
     help: str = ""
+    # Validation tolerance on logits against PyTorch fp32 (export/validate.py). fp32 is bit-close;
+    # fp16 keeps ~3 significant digits through 2L+ matmuls. None: scale-relative, for INT8 and bf16,
+    # which perturb logits on random token ids far more (measured up to ~35% of the largest logit
+    # on a real MiniLM): that check only catches a broken graph, the task-drop check (--task) is
+    # what judges them.
+    atol: float | None = None
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,15 @@ class Backend:
 
 
 _FORMATS = [
-    Format("onnx", "model.onnx", (), "fp32 graph with ONNX Runtime's transformer fusion"),
+    Format("onnx", "model.onnx", (), "fp32 graph with ONNX Runtime's transformer fusion", 1e-4),
     Format("onnx-int8", "model-int8.onnx", ("onnx",), "dynamic INT8 quantisation of the fused graph (CPU)"),
     Format("onnx-int8-static", "model-int8-static.onnx", ("onnx",),
            "static INT8 of the fused graph, activation scales calibrated on training texts (CPU)"),
-    Format("onnx-fp16", "model-fp16.onnx", (), "fused graph in fp16 with fp32 I/O (ONNX Runtime CUDA)"),
-    Format("onnx-fp16-trt", "model-fp16-trt.onnx", (), "unfused fp16 graph, standard ops only, for TensorRT"),
-    Format("trt", "model-fp16.plan", ("onnx-fp16-trt",), "TensorRT FP16 engine (NVIDIA GPU)"),
+    Format("onnx-fp16", "model-fp16.onnx", (), "fused graph in fp16 with fp32 I/O (ONNX Runtime CUDA)", 2e-2),
+    Format("onnx-fp16-trt", "model-fp16-trt.onnx", (), "unfused fp16 graph, standard ops only, for TensorRT", 2e-2),
+    Format("trt", "model-fp16.plan", ("onnx-fp16-trt",), "TensorRT FP16 engine (NVIDIA GPU)", 2e-2),
     Format("torch-bf16", None, (), "nothing written: PyTorch bf16 validated like an artifact"),
-    Format("torch-compile", None, (), "nothing written (load-time): torch.compile (Inductor) validated like an artifact"),
+    Format("torch-compile", None, (), "nothing written (load-time): torch.compile (Inductor) validated like an artifact", 1e-4),
     Format("torch-compile-bf16", None, (), "nothing written (load-time): torch.compile in bf16 (AVX512-BF16/AMX CPUs)"),
 ]
 

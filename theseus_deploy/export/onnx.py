@@ -14,9 +14,6 @@ from theseus_deploy.errors import UsageError
 
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "SkipLayerNormalization",
              "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
-# onnxruntime's optimizer knows these encoder graphs by these names.
-ORT_MODEL_TYPE = {"bert": "bert", "roberta": "bert", "electra": "bert", "xlm-roberta": "bert", "camembert": "bert",
-                  "mpnet": "bert", "distilbert": "bert", "deberta-v2": "bert"}
 
 
 class _LogitsOnly:
@@ -100,19 +97,13 @@ def plain_fp16(src: Path, dst: Path) -> dict:
             "MatMul": ops.get("MatMul", 0), "Softmax": ops.get("Softmax", 0)}
 
 
-# What ONNX Runtime's fusion must give per encoder type (measured with onnxruntime 1.32 and
-# transformers 5.24 on tiny models): BERT fuses one Attention per layer and the embeddings into
-# EmbedLayerNormalization; RoBERTa fuses attention but keeps its embeddings unfused; MPNet's
-# relative position bias keeps attention unfused by design, so it is not checked. On onnxruntime
-# 1.30 the BERT export fused 0 Attention and 0 EmbedLayerNormalization: 1.31 added the mask-path
-# patterns of transformers 5's eager attention. An unfused graph runs, but slower.
-EXPECTED_FUSION = {"bert": ("Attention", "EmbedLayerNormalization"), "roberta": ("Attention",)}
-
-
 def check_fusion(ops: dict, info: dict, allow_unfused: bool = False) -> None:
     """UsageError (one line naming the onnxruntime version) when an encoder graph whose fusion we
     know did not fuse: Attention count != number of layers, or no EmbedLayerNormalization."""
-    want = EXPECTED_FUSION.get(info.get("model_type"))
+    from theseus_deploy.arch import arch
+
+    a = arch(info.get("model_type"))
+    want = a.fused if a else ()
     if not want or allow_unfused:
         return
     layers = info["num_layers"]
@@ -137,7 +128,9 @@ def fuse(src: Path, dst: Path, info: dict, fp16: bool = False) -> dict:
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    model_type = ORT_MODEL_TYPE.get(info["model_type"], "bert")
+    from theseus_deploy.arch import arch
+
+    model_type = (arch(info["model_type"]) or arch("bert")).ort_type
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = optimize_model(str(src), model_type=model_type, num_heads=info["num_heads"],

@@ -171,9 +171,9 @@ class CompiledRunner(TorchRunner):
         self.precheck(backend, device)
         super().__init__(model, backend, device, threads)
         cfg = model.config
-        self.max_seq_length = int(getattr(cfg, "max_position_embeddings", 512))
-        if cfg.model_type in ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text"):
-            self.max_seq_length -= (cfg.pad_token_id or 0) + 1  # positions start after the padding index
+        from theseus_deploy.arch import max_positions
+
+        self.max_seq_length = int(max_positions(cfg) or 512)
         self.pad_id = int(cfg.pad_token_id or 0)
         self.seq_bucket = seq_bucket
         self.compiled_buckets: list = []

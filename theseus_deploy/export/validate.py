@@ -9,15 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theseus_deploy.registry import FORMATS
+
 from .runtime import _random_ids
 
-# Absolute tolerance on logits per format. fp32 is bit-close; fp16 keeps ~3 significant digits
-# through 2L+ matmuls. INT8 (dynamic) and bf16 perturb logits far more on random token ids
-# (out-of-distribution inputs, measured up to ~35% of the largest logit on a real MiniLM), so
-# their numeric check is scale-relative and only catches a broken graph; what matters for them
-# is the task-level check (`--task`): the dev score may drop at most `MAX_TASK_DROP`.
-ATOL = {"onnx": 1e-4, "onnx-fp16": 2e-2, "onnx-fp16-trt": 2e-2, "trt": 2e-2, "onnx-int8": None,
-        "onnx-int8-static": None, "torch-bf16": None, "torch-compile": 1e-4, "torch-compile-bf16": None}
+# Absolute tolerance on logits per format: `Format.atol` in theseus_deploy/registry.py (None:
+# scale-relative below). What matters for INT8/bf16 is the task-level check (`--task`): the dev
+# score may drop at most `MAX_TASK_DROP`.
 REL_LOOSE = 0.5           # int8 / bf16: max |diff| <= REL_LOOSE * max |logit| (+ 1e-3)
 MAX_TASK_DROP = 0.01      # with --task: artifact score >= PyTorch score - 1 point
 VALIDATION_SHAPES = ((1, 16), (3, 37), (8, 128))
@@ -82,7 +80,7 @@ def validate(reference, candidate, fmt: str, shapes, atol: float | None = None) 
                                 f"PyTorch gives {tuple(ref.shape)}")
         diff = float(np.abs(got - ref).max())
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean()) if ref.shape[-1] > 1 else 1.0
-        tol = atol if atol is not None else ATOL.get(fmt)
+        tol = atol if atol is not None else (FORMATS[fmt].atol if fmt in FORMATS else None)
         if tol is None:  # scale-relative for quantised / reduced-precision formats
             tol = REL_LOOSE * float(np.abs(ref).max()) + 1e-3
         results.append(ShapeResult((b, s), diff, tol, agree).as_dict())
