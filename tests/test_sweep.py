@@ -210,6 +210,16 @@ def test_outputs_and_best_loads_with_text_classifier(setup, tmp_path):
     assert [x["label"] for x in clf(texts)] == [x["label"] for x in ref(texts)]
     assert clf(texts)[0]["score"] == pytest.approx(ref(texts)[0]["score"], abs=1e-6)
 
+    # real traffic from the same DIR: only the timing stage runs, per-request latencies of dev sentences
+    r = CliRunner().invoke(cli, args(setup, out, "--traffic", "--traffic-samples", "8", "--latency-budget", "10s"),
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "sweep.json").read_text())
+    assert [s["stage"] for s in rec["stages"] if not s["reused"]] == ["latency"]
+    assert rec["mode"]["kind"] == "traffic" and rec["requests_per_round"] == 8
+    assert all(p["latency_s"]["n"] == 16 for p in rec["points"])      # 8 requests x 2 rounds
+    assert (out / "latency-1x16.json").is_file() and (out / "latency-traffic.json").is_file()
+
 
 @pytest.mark.parametrize("extra,msg", [
     (["--latency-budget", "5m"], "--latency-budget takes"),

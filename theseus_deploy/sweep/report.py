@@ -48,6 +48,7 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
             points.append(rec)
     cfg_dict = dataclasses.asdict(cfg)
     return {"config": cfg_dict, "mode": mode, "environment": latency["environment"],
+            "requests_per_round": timed[f"L{pred_layers}|torch"].get("num_requests_per_round"),
             "predecessor": {"model": cfg.model, "layers": pred_layers, "score": ref_score,
                             "metrics": info[(pred_layers, "torch")]["metrics"],
                             "latency_s": timed[f"L{pred_layers}|torch"]["latency"]},
@@ -92,7 +93,7 @@ def markdown(record: dict) -> str:
         how = f"requests of batch {mode['batch_size']} x sequence {mode['seq_len']} (random token ids)"
     else:
         how = (f"real traffic: single {cfg['task']} dev sentences, each padded to its own length "
-               f"(up to {mode['max_length']} tokens), {mode.get('samples') or 'all'} per round")
+               f"(up to {mode['max_length']} tokens), {record.get('requests_per_round')} requests per round")
     flags = ", ".join(env.get("cpu_flags") or []) or "none of avx512f/avx512_vnni/avx512_bf16/amx"
     out = [f"# Sweep: {Path(pred['model']).name} on {cfg['task']}", "",
            f"Predecessor: {pred['model']} ({pred['layers']} layers), dev score {pred['score']:.4f} ({metric}).",
