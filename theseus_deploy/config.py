@@ -277,7 +277,7 @@ class _SweepOwn(Checked):
     iterations: int = opt(200, "--latency-shape: at least this many timed calls per point (over all rounds).", ge=1)
     min_seconds: float = opt(1.0, "--latency-shape: and at least this many seconds per point.", ge=0)
     rounds: int = opt(5, "Interleaved rounds (paired ratios against the predecessor).", ge=1)
-    threads: int | None = opt(None, "CPU threads for timing (torch and ONNX Runtime); recorded.", ge=1)
+    threads: int | None = opt(None, "CPU threads for training, scoring and timing (torch and ONNX Runtime); recorded.", ge=1)
     overwrite: bool = opt(False, "Start over: discard the finished stages in DIR.")
 
 
