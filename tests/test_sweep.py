@@ -95,7 +95,7 @@ def test_shape_and_depths_parsing():
 def test_progress_estimates_from_finished_stages():
     t = [0.0]
     p = Progress([("compress", "L4"), ("eval", "L4"), ("compress", "L2"), ("eval", "L2")], clock=lambda: t[0])
-    assert "2 compress not yet timed" in p.line(0)
+    assert "remaining ? + 2 compress not yet timed + 2 eval not yet timed" in p.line(0)
     p.start(0); t[0] = 100.0; p.finish(0)
     p.start(1); t[0] = 110.0; p.finish(1)
     line = p.line(2)

@@ -44,7 +44,7 @@ class Progress:
     def line(self, i: int, note: str = "") -> str:
         kind, label = self.stages[i]
         est, unknown = self.remaining()
-        rem = f"~{hms(est)}" + "".join(f" + {n} {k} not yet timed" for k, n in unknown.items())
+        rem = (f"~{hms(est)}" if est or not unknown else "?") + "".join(f" + {n} {k} not yet timed" for k, n in unknown.items())
         return (f"[sweep {i + 1}/{len(self.stages)}] {kind} {label}{note} | elapsed {hms(self.clock() - self.t0)} "
                 f"| remaining {rem}")
 
