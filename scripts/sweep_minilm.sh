@@ -26,4 +26,9 @@ date; $TD sweep "${COMMON[@]}" --traffic --latency-budget 5ms;  echo "exit $?"
 cp "$DIR/report.md" "$DIR/report-traffic-5ms.md"; cp "$DIR/pareto.png" "$DIR/pareto-traffic-5ms.png"
 date; $TD sweep "${COMMON[@]}" --traffic --latency-budget 10ms; echo "exit $?"
 cp "$DIR/report.md" "$DIR/report-traffic-10ms.md"; cp "$DIR/pareto.png" "$DIR/pareto-traffic-10ms.png"
+# the same points under looser drop limits: again nothing retrained or re-timed
+date; $TD sweep "${COMMON[@]}" --latency-shape 1x128 --latency-budget 10ms --max-task-drop 0.05; echo "exit $?"
+cp "$DIR/report.md" "$DIR/report-1x128-10ms-drop5.md"; cp "$DIR/pareto.png" "$DIR/pareto-1x128-10ms-drop5.png"
+date; $TD sweep "${COMMON[@]}" --latency-shape 1x128 --latency-budget 5ms --max-task-drop 0.1; echo "exit $?"
+cp "$DIR/report.md" "$DIR/report-1x128-5ms-drop10.md"; cp "$DIR/pareto.png" "$DIR/pareto-1x128-5ms-drop10.png"
 date

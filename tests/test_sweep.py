@@ -154,6 +154,9 @@ def test_killed_sweep_resumes_and_redecides_without_retraining(setup, tmp_path):
     rec = run_sweep(cfg, show_progress=False)
     reused = {(s["stage"], s["what"]) for s in rec["stages"] if s["reused"]}
     assert reused == {("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2")}
+    log = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert [(x["stage"], x["what"]) for x in log] == [("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2"),
+                                                      ("eval", "L2"), ("export", "L2 onnx"), ("latency", "1x16")]
     assert weights.stat().st_mtime_ns == mtime
     report = (out / "report.md").read_text()
 

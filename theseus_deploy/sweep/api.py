@@ -198,7 +198,11 @@ def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
         fn()
         progress.finish(i)
         executed[0] += 1
-        record_stages.append({"stage": kind, "what": label, "reused": False, "seconds": round(time.time() - t0, 1)})
+        rec = {"stage": kind, "what": label, "reused": False, "seconds": round(time.time() - t0, 1)}
+        record_stages.append(rec)
+        # sweep.json describes the latest invocation; this log keeps every executed stage's wall time
+        with open(out / "stages.jsonl", "a") as f:
+            f.write(json.dumps({**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
 
     tokenizer_cache = {}
 
