@@ -13,7 +13,8 @@ STEPS=${STEPS-300}
 BACKENDS=${BACKENDS:-torch,torch-bf16,onnx-int8}
 THREADS=${THREADS:-1}   # on a shared 2-core machine 2 threads ran 5-14x slower than 1 (docs/sweep.md)
 BUDGET=(${STEPS:+--max-steps "$STEPS"} --save-steps 100)
-COMMON=(--model "$PRED" --task sst2 --output "$DIR" --depths 6,4,3,2,1 --backends "$BACKENDS" --threads "$THREADS"
+DEPTHS=${DEPTHS:-6,4,3,2,1}
+COMMON=(--model "$PRED" --task sst2 --output "$DIR" --depths "$DEPTHS" --backends "$BACKENDS" --threads "$THREADS"
         "${BUDGET[@]}")
 lscpu | grep -E 'Model name'; grep -o -E -w 'avx512_bf16|avx512_vnni|amx_[a-z0-9]+' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
 set -x
