@@ -111,7 +111,8 @@ def options_from(cls, required: tuple[str, ...] = ()):
     return decorate
 
 
-@click.group(cls=LazyGroup, lazy_commands={"export": "theseus_deploy.export.command:export", "bench": "theseus_deploy.bench.command:bench"},
+@click.group(cls=LazyGroup, lazy_commands={"export": "theseus_deploy.export.command:export", "bench": "theseus_deploy.bench.command:bench",
+                             "sweep": "theseus_deploy.sweep.command:sweep"},
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option("0.1.0", prog_name="theseus-deploy")
 def cli():

@@ -271,3 +271,60 @@ def to_dict(cfg) -> dict:
 
 # Defaults that apply when the user gave none (recorded in the resolved config).
 DEFAULT_LR = {"finetune": 2e-5, "compress": 1e-4}
+
+
+# ---------------------------------------------------------------------------- sweep
+def _compose(cls, skip=(), only=None, defaults=None) -> list[tuple]:
+    """(name, type, field) for `make_dataclass`: another command's options reused as they are
+    (help, bounds, choices), so `sweep --max-steps` means what `compress --max-steps` means."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        out.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))
+    return out
+
+
+@dataclass
+class _SweepOwn(Checked):
+    model: str = opt(None, "The fine-tuned predecessor (a model folder or hub id); always a candidate itself.")
+    output: str = opt(None, "Sweep folder DIR: one sub-folder per stage; re-running with the same DIR reuses "
+                            "finished stages; sweep.json, sweep.csv, report.md, pareto.png and best/.")
+    depths: str | None = opt(None, "Comma-separated depths, the predecessor's own included (default: the predecessor, "
+                                   "2/3, 1/2 and 1/3 of its layers, e.g. 6,4,3,2).")
+    backends: str = opt("torch,onnx,onnx-int8", "Comma-separated backends (see the list below).")
+    device: str = opt("cpu", "Device for timing (and training, through accelerate).", choices=["cpu", "cuda"])
+    latency_shape: str = opt("1x128", "Time requests of this batch x sequence shape.")
+    traffic: bool = opt(False, "Time real traffic instead: single dev-set requests, each padded to its own length.")
+    traffic_samples: int | None = opt(256, "--traffic: this many dev sentences per round.", ge=1)
+    latency_budget: str | None = opt(None, "Latency budget for the choice, with a unit: 5ms, 0.005s, 500us.")
+    percentile: str = opt("p99", "Latency percentile compared with the budget.", choices=["p50", "p90", "p99"])
+    max_task_drop: float = opt(0.01, "Largest allowed drop of the dev score below the predecessor's (0.01 = 1 point); "
+                                     "each export is also checked against its own PyTorch model with it.", ge=0, le=1)
+    warmup: int = opt(10, "Warm-up calls per runner before timing.", ge=0)
+    iterations: int = opt(200, "--latency-shape: at least this many timed calls per point (over all rounds).", ge=1)
+    min_seconds: float = opt(1.0, "--latency-shape: and at least this many seconds per point.", ge=0)
+    rounds: int = opt(5, "Interleaved rounds (paired ratios against the predecessor).", ge=1)
+    threads: int | None = opt(None, "CPU threads for training, scoring and timing (torch and ONNX Runtime); recorded.", ge=1)
+    overwrite: bool = opt(False, "Start over: discard the finished stages in DIR.")
+
+
+# The sweep's default per-depth budget is one epoch at sequence length 64, not compress's default
+# (>= 3 epochs, >= 1500 steps): 4 depths x 3 epochs of SST-2 would take most of a day on 2 CPU cores.
+SWEEP_COMPRESS_DEFAULTS = {"epochs": 1.0, "max_seq_length": 64}
+# min_steps / max_epochs only shape compress's default budget, which the sweep's explicit --epochs replaces.
+SWEEP_COMPRESS_SKIP = ("model", "output", "successor_layers", "resume", "overwrite", "min_steps", "max_epochs")
+SWEEP_EXPORT_FIELDS = ("opset", "atol", "int8_per_channel", "int8_reduce_range")
+
+SweepConfig = dataclasses.make_dataclass(
+    "SweepConfig",
+    _compose(_SweepOwn) + _compose(ExportConfig, only=SWEEP_EXPORT_FIELDS)
+    + _compose(CompressConfig, skip=SWEEP_COMPRESS_SKIP, defaults=SWEEP_COMPRESS_DEFAULTS),
+    bases=(Checked,))
+SweepConfig.__doc__ = ("Compress to several depths, export to several backends, time them, and pick the most accurate "
+                       "point within a latency budget. Compress/export options are those of `compress` and `export`.")
+SweepConfig.__module__ = __name__

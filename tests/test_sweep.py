@@ -1,0 +1,255 @@
+"""`theseus-deploy sweep`: the decision on known numbers, and a whole sweep on a tiny model
+(kill and resume, re-deciding without retraining, best/ loads, bad input)."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_tiny_model
+from test_train import write_toy
+from theseus_deploy.cli import cli
+from theseus_deploy.config import SweepConfig
+from theseus_deploy.errors import UsageError
+from theseus_deploy.sweep.api import SweepStopped, parse_depths, run_sweep
+from theseus_deploy.sweep.pareto import Point, decide, frontier, nothing_message, parse_latency, parse_shape
+from theseus_deploy.sweep.progress import Progress
+
+
+# ------------------------------------------------------------------ the decision on known numbers
+def P(layers, backend, score, ms, pred=0.90):
+    return Point(layers, backend, score, ms / 1000, pred - score)
+
+
+POINTS = [P(6, "torch", 0.90, 10.0), P(6, "onnx", 0.90, 6.0), P(4, "onnx", 0.89, 4.0), P(3, "onnx-int8", 0.885, 2.0),
+          P(3, "torch", 0.885, 5.0), P(2, "onnx-int8", 0.86, 1.5), P(4, "torch", 0.85, 7.0)]
+
+
+def test_frontier_on_known_points():
+    names = [POINTS[i].name for i in frontier(POINTS)]
+    # L6 torch is dominated by L6 onnx (same score, faster); L3 torch by L3 onnx-int8; L4 torch by everything
+    assert names == ["L2 onnx-int8", "L3 onnx-int8", "L4 onnx", "L6 onnx"]
+
+
+def test_frontier_ties_keep_one_point():
+    pts = [P(4, "a", 0.8, 2.0), P(4, "b", 0.8, 2.0), P(3, "c", 0.8, 3.0)]
+    assert frontier(pts) == [0]  # exact duplicate: the first stays; same score but slower: dominated
+
+
+def test_choice_within_budget_and_drop():
+    d = decide(POINTS, 0.005, 0.01)
+    assert POINTS[d.choice].name == "L4 onnx"          # best score at <= 5 ms with drop <= 1 point
+    assert d.choice in d.frontier
+    d = decide(POINTS, 0.005, 0.02)
+    assert POINTS[d.choice].name == "L4 onnx"
+    d = decide(POINTS, 0.003, 0.05)
+    assert POINTS[d.choice].name == "L3 onnx-int8"      # L4 onnx is 4 ms: over budget
+    d = decide(POINTS, 0.003, 0.01)
+    assert d.choice is None                             # L3 int8 drops 1.5 points
+
+
+def test_choice_ties_go_to_the_faster_then_shallower_point():
+    pts = [P(6, "torch", 0.9, 3.0), P(6, "onnx", 0.9, 2.0), P(4, "onnx", 0.88, 1.0)]
+    assert decide(pts, 0.005, 0.05).choice == 1
+    pts = [P(6, "onnx", 0.9, 2.0), P(4, "onnx", 0.9, 2.0)]
+    assert decide(pts, 0.005, 0.05).choice == 1
+
+
+def test_everything_within_budget_picks_the_best_score():
+    d = decide(POINTS, 1.0, 1.0)
+    assert POINTS[d.choice].name == "L6 onnx"
+    assert decide(POINTS, None, 0.0).choice == 1        # no budget: best score, faster of the tie
+
+
+def test_nothing_within_budget_names_the_closest_point():
+    d = decide(POINTS, 0.001, 0.01)
+    # excess = latency over budget / budget + drop over limit / limit: L3 int8 1.0 + 0.5 beats L2 int8 0.5 + 3.0
+    assert d.choice is None and POINTS[d.closest].name == "L3 onnx-int8"
+    d = decide(POINTS, 0.001, 0.05)
+    assert POINTS[d.closest].name == "L2 onnx-int8"      # within the drop limit now: only 50% over budget
+    msg = nothing_message(POINTS, d, "p99")
+    assert "\n" not in msg and "L2 onnx-int8" in msg and "50% over budget" in msg and "1.00 ms" in msg
+
+
+@pytest.mark.parametrize("text,seconds", [("5ms", 0.005), ("0.005s", 0.005), ("500us", 0.0005), ("5 ms", 0.005),
+                                          ("2.5e-3s", 0.0025), ("500µs", 0.0005)])
+def test_latency_budget_parsing(text, seconds):
+    assert parse_latency(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5", "5m", "5 min", "ms", "-5ms", "0ms", "5msec", "five ms"])
+def test_latency_budget_bad_units(text):
+    with pytest.raises(UsageError, match="--latency-budget"):
+        parse_latency(text)
+
+
+def test_shape_and_depths_parsing():
+    assert parse_shape("1x128") == (1, 128) and parse_shape("8X32") == (8, 32)
+    with pytest.raises(UsageError):
+        parse_shape("1x")
+    assert parse_depths(None, 6) == [6, 4, 3, 2]
+    assert parse_depths("3,1", 6) == [6, 3, 1]      # the predecessor is always a candidate
+    with pytest.raises(UsageError, match="between 1 and"):
+        parse_depths("7", 6)
+
+
+def test_progress_estimates_from_finished_stages():
+    t = [0.0]
+    p = Progress([("compress", "L4"), ("eval", "L4"), ("compress", "L2"), ("eval", "L2")], clock=lambda: t[0])
+    assert "remaining ? + 2 compress not yet timed + 2 eval not yet timed" in p.line(0)
+    p.start(0); t[0] = 100.0; p.finish(0)
+    p.start(1); t[0] = 110.0; p.finish(1)
+    line = p.line(2)
+    assert "compress L2" in line and "elapsed 0:01:50" in line and "remaining ~0:01:50" in line
+
+
+# ------------------------------------------------------------------ a whole sweep on a tiny model
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweepdata")
+    data = ["--task", "custom", "--train-file", write_toy(d / "train.csv", 256, 0),
+            "--validation-file", write_toy(d / "dev.csv", 64, 1), "--text-columns", "text", "--label-column", "label"]
+    base = make_tiny_model(d / "base", "bert", 4)
+    pred = d / "pred"
+    r = CliRunner().invoke(cli, ["finetune", "--model", str(base), *data, "--output", str(pred), "--lr", "1e-3",
+                                 "--max-steps", "30", "--batch-size", "16", "--max-seq-length", "16"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return pred, data
+
+
+FAST = ["--depths", "4,2", "--backends", "torch,onnx", "--max-steps", "6", "--batch-size", "16",
+        "--max-seq-length", "16", "--latency-shape", "1x16", "--iterations", "4", "--rounds", "2",
+        "--min-seconds", "0", "--warmup", "1", "--threads", "1"]
+
+
+def args(setup, out, *extra):
+    pred, data = setup
+    return ["sweep", "--model", str(pred), *data, "--output", str(out), *FAST, *extra]
+
+
+def cfg_from(argv):
+    """The SweepConfig the CLI would build (for the library entry point with stop_after)."""
+    holder = {}
+    from theseus_deploy.sweep import command
+
+    orig = command.sweep.callback
+    command.sweep.callback = lambda **kw: holder.update(kw)
+    try:
+        CliRunner().invoke(cli, argv, catch_exceptions=False)
+    finally:
+        command.sweep.callback = orig
+    return SweepConfig(**holder)
+
+
+def test_killed_sweep_resumes_and_redecides_without_retraining(setup, tmp_path):
+    out = tmp_path / "s"
+    cfg = cfg_from(args(setup, out, "--latency-budget", "10s"))
+    # stages: eval L4, export L4 onnx, compress L2, eval L2, export L2 onnx, latency: killed after compress L2
+    with pytest.raises(SweepStopped):
+        run_sweep(cfg, stop_after=3, show_progress=False)
+    weights = out / "L2" / "model" / "model.safetensors"
+    assert weights.is_file() and not (out / "L2" / "eval.json").exists() and not (out / "sweep.json").exists()
+    mtime = weights.stat().st_mtime_ns
+
+    rec = run_sweep(cfg, show_progress=False)
+    reused = {(s["stage"], s["what"]) for s in rec["stages"] if s["reused"]}
+    assert reused == {("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2")}
+    log = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert [(x["stage"], x["what"]) for x in log] == [("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2"),
+                                                      ("eval", "L2"), ("export", "L2 onnx"), ("latency", "1x16")]
+    assert weights.stat().st_mtime_ns == mtime
+    report = (out / "report.md").read_text()
+
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s"), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec2 = json.loads((out / "sweep.json").read_text())
+    assert all(s["reused"] for s in rec2["stages"]) and (out / "report.md").read_text() == report
+    assert weights.stat().st_mtime_ns == mtime
+
+    # the same sweep never killed gives the same points and scores
+    full = run_sweep(cfg_from(args(setup, tmp_path / "full", "--latency-budget", "10s")), show_progress=False)
+    assert [(p["layers"], p["backend"], p["score"]) for p in full["points"]] == \
+           [(p["layers"], p["backend"], p["score"]) for p in rec["points"]]
+
+    # another budget re-decides from what is there: nothing retrained or re-timed; exit 3 names the closest
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "1us"), catch_exceptions=False)
+    assert r.exit_code == 3, r.output
+    err = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "closest: L" in err[0] and "over budget" in err[0]
+    rec3 = json.loads((out / "sweep.json").read_text())
+    assert all(s["reused"] for s in rec3["stages"]) and weights.stat().st_mtime_ns == mtime
+    assert rec3["decision"]["choice"] is None and not (out / "best").exists()
+    assert [p.get("latency_s") for p in rec3["points"]] == [p.get("latency_s") for p in rec2["points"]]
+
+
+def test_outputs_and_best_loads_with_text_classifier(setup, tmp_path):
+    from theseus_deploy.export.runtime import TextClassifier
+
+    out = tmp_path / "s"
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s", "--max-task-drop", "1"),
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "sweep.json").read_text())
+    assert {(p["layers"], p["backend"]) for p in rec["points"]} == {(4, "torch"), (4, "onnx"), (2, "torch"), (2, "onnx")}
+    for name in ("sweep.csv", "report.md", "pareto.png", "best/manifest.json"):
+        assert (out / name).is_file(), name
+    assert len((out / "sweep.csv").read_text().splitlines()) == 5
+    front = [p for p in rec["points"] if p.get("on_frontier")]
+    chosen = [p for p in rec["points"] if p.get("chosen")]
+    assert front and len(chosen) == 1 and chosen[0]["on_frontier"]
+    # everything is within a 10 s budget and a drop of 1: the choice is the best score
+    assert chosen[0]["score"] == max(p["score"] for p in rec["points"] if p.get("candidate"))
+    pred_torch = next(p for p in rec["points"] if p["layers"] == 4 and p["backend"] == "torch")
+    assert "vs_predecessor_torch_fp32" not in pred_torch
+    succ = next(p for p in rec["points"] if p["layers"] == 2 and p["backend"] == "onnx")
+    assert succ["vs_predecessor_torch_fp32"]["rounds"] == 2 and "vs_predecessor_same_backend" in succ
+
+    manifest = json.loads((out / "best" / "manifest.json").read_text())
+    backend = manifest["backend"]
+    assert backend == chosen[0]["backend"] and manifest["sweep"]["layers"] == chosen[0]["layers"]
+    clf = TextClassifier.load(str(out / "best"), backend=backend)
+    ref = TextClassifier.load(chosen[0]["run"], backend=backend)
+    texts = ["the movie was great fun", "a dull plot"]
+    assert [x["label"] for x in clf(texts)] == [x["label"] for x in ref(texts)]
+    assert clf(texts)[0]["score"] == pytest.approx(ref(texts)[0]["score"], abs=1e-6)
+
+    # real traffic from the same DIR: only the timing stage runs, per-request latencies of dev sentences
+    r = CliRunner().invoke(cli, args(setup, out, "--traffic", "--traffic-samples", "8", "--latency-budget", "10s"),
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "sweep.json").read_text())
+    assert [s["stage"] for s in rec["stages"] if not s["reused"]] == ["latency"]
+    assert rec["mode"]["kind"] == "traffic" and rec["requests_per_round"] == 8
+    assert all(p["latency_s"]["n"] == 16 for p in rec["points"])      # 8 requests x 2 rounds
+    assert (out / "latency-1x16.json").is_file() and (out / "latency-traffic.json").is_file()
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--latency-budget", "5m"], "--latency-budget takes"),
+    (["--latency-budget", "5"], "--latency-budget takes"),
+    (["--backends", "torch,nope"], "unknown backend 'nope'"),
+    (["--latency-shape", "1by128"], "--latency-shape"),
+    (["--depths", "9"], "--depths must be between 1 and"),
+    (["--max-task-drop", "2"], "--max-task-drop must be"),
+])
+def test_bad_input_exit_2_nothing_written(setup, tmp_path, extra, msg):
+    out = tmp_path / "s"
+    r = CliRunner().invoke(cli, args(setup, out, *extra))
+    assert r.exit_code == 2, r.output
+    assert msg in r.output and "Traceback" not in r.output and not out.exists()
+
+
+def test_other_settings_refused_overwrite_starts_over(setup, tmp_path):
+    out = tmp_path / "s"
+    cfg = cfg_from(args(setup, out))
+    with pytest.raises(SweepStopped):
+        run_sweep(cfg, stop_after=1, show_progress=False)
+    r = CliRunner().invoke(cli, args(setup, out, "--seed", "7"))
+    assert r.exit_code == 2 and "--seed 42 -> 7" in r.output and (out / "L4" / "eval.json").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    r = CliRunner().invoke(cli, args(setup, tmp_path / "mine", "--overwrite"))
+    assert r.exit_code == 2 and "not a sweep folder" in r.output and (tmp_path / "mine" / "keep.txt").is_file()
+    with pytest.raises(SweepStopped):
+        run_sweep(cfg_from(args(setup, out, "--seed", "7", "--overwrite")), stop_after=0, show_progress=False)
+    assert not (out / "L4").exists() and json.loads((out / "sweep-config.json").read_text())["seed"] == 7

@@ -1,0 +1,344 @@
+"""`run_sweep`: compress to each depth, score, export to each backend, time, decide, report.
+
+DIR layout (every stage writes atomically, so a killed sweep leaves only finished stages):
+
+    sweep-config.json        the settings that decide the trained models and exports
+    L4/model/                compress output (L4/model.partial/: its resumable checkpoint)
+    L4/eval.json             PyTorch fp32 dev score (the same loop as every artifact's)
+    L4/export-onnx-int8/     export folder (manifest.json, artifact, config, tokenizer)
+    L4/onnx-int8.json        that artifact's dev score, or why it was rejected
+    latency-1x128.json       timing of all points, reused while the points and settings are the same
+    sweep.json sweep.csv report.md pareto.png best/
+
+A stage whose output exists is reused; `--overwrite` starts over. Settings that change a trained
+model or an export (compress flags, export flags, data) must match `sweep-config.json`, otherwise
+the sweep refuses: reusing models trained differently would mislabel them. Budget, percentile,
+drop limit, depths and backends may change freely: a new budget re-decides from what is there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from theseus_deploy import config as C
+from theseus_deploy.errors import UsageError
+from theseus_deploy.registry import BACKENDS, FORMATS, export_format
+
+from .pareto import Point, decide, nothing_message, parse_latency, parse_shape
+
+STATE = "sweep-config.json"
+# What decides a stage's result: compress/data fields and export fields (not budget, timing, backends).
+DECIDING = ("model",) + tuple(f.name for f in dataclasses.fields(C.CompressConfig)
+                              if f.name not in C.SWEEP_COMPRESS_SKIP) + C.SWEEP_EXPORT_FIELDS
+OUTPUTS = ("sweep.json", "sweep.csv", "report.md", "pareto.png", "best")
+EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
+
+
+class SweepStopped(Exception):
+    """Tests: raised after `stop_after` executed stages, as if the process had been killed."""
+
+
+def parse_depths(text: str | None, pred_layers: int) -> list[int]:
+    if text is None:
+        depths = {pred_layers, round(2 * pred_layers / 3), -(-pred_layers // 2), round(pred_layers / 3)}
+    else:
+        try:
+            depths = {int(x) for x in str(text).split(",") if x.strip()}
+        except ValueError:
+            raise UsageError(f"--depths takes comma-separated integers, got '{text}'") from None
+        if not depths:
+            raise UsageError(f"--depths takes comma-separated integers, got '{text}'")
+        bad = sorted(d for d in depths if not 1 <= d <= pred_layers)
+        if bad:
+            raise UsageError(f"--depths must be between 1 and the predecessor's {pred_layers} layers, got {bad}")
+    depths.add(pred_layers)  # the predecessor is always a candidate
+    return sorted((d for d in depths if d >= 1), reverse=True)
+
+
+def parse_backends(text: str, device: str) -> list[str]:
+    from theseus_deploy.bench.api import check_backends
+
+    names = list(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
+    if not names:
+        raise UsageError("--backends needs at least one backend")
+    for b in names:
+        if b not in BACKENDS:
+            raise UsageError(f"unknown backend '{b}' in --backends: choose from {', '.join(BACKENDS)}")
+    check_backends(names, device)
+    return names
+
+
+def compress_config(cfg, depth: int, output: Path, resume: bool) -> C.CompressConfig:
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(C.CompressConfig)
+              if f.name not in C.SWEEP_COMPRESS_SKIP}
+    return C.CompressConfig(**fields, model=cfg.model, output=str(output), successor_layers=depth, resume=resume)
+
+
+def _deciding(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in DECIDING}
+
+
+def _check_dir(out: Path, cfg) -> None:
+    """Refuse a folder that is not a sweep's, or a sweep made with other settings (unless --overwrite)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path exists and is not a folder: {out}")
+    if not out.is_dir() or not any(out.iterdir()) or cfg.overwrite:
+        if cfg.overwrite and out.is_dir() and any(out.iterdir()) and not (out / STATE).is_file():
+            raise UsageError(f"--overwrite: {out} is not a sweep folder (no {STATE}); not deleting it")
+        return
+    if not (out / STATE).is_file():
+        raise UsageError(f"output folder is not empty and is not a sweep folder (no {STATE}): {out}")
+    saved = json.loads((out / STATE).read_text())
+    now = _deciding(cfg)
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in DECIDING if saved.get(k) != now[k]]
+    if diff:
+        raise UsageError(f"{out} holds a sweep with other settings ({', '.join(diff)}): pass the same ones to "
+                         "continue it, or --overwrite to start over")
+
+
+def _wipe(out: Path) -> None:
+    for p in out.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def run_sweep(cfg, stop_after: int | None = None, show_progress: bool = True) -> dict:
+    """The whole sweep. Returns the sweep record (sweep.json) with `decision`; raises UsageError on bad input."""
+    if not cfg.threads:
+        return _run_sweep(cfg, stop_after, show_progress)
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        return _run_sweep(cfg, stop_after, show_progress)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
+    from theseus_deploy.hf import check_model_source, load_config
+    from theseus_deploy.io import write_json
+
+    # ---- everything that can fail on bad input fails here, before anything is written
+    budget = parse_latency(cfg.latency_budget) if cfg.latency_budget is not None else None
+    if cfg.traffic:
+        mode = {"kind": "traffic", "max_length": max(EVAL_MAX_LENGTH, cfg.max_seq_length),
+                "samples": cfg.traffic_samples, "name": "traffic"}
+    else:
+        b, s = parse_shape(cfg.latency_shape)
+        mode = {"kind": "shape", "batch_size": b, "seq_len": s, "name": f"{b}x{s}"}
+    if not cfg.task:
+        raise UsageError("--task is required")
+    backends = parse_backends(cfg.backends, cfg.device)
+    check_model_source(cfg.model)
+    pred_config = load_config(cfg.model)
+    pred_layers = pred_config.num_hidden_layers
+    depths = parse_depths(cfg.depths, pred_layers)
+    max_pos = getattr(pred_config, "max_position_embeddings", 512)
+    need = mode.get("seq_len", 0)
+    if need > max_pos:
+        raise UsageError(f"--latency-shape sequence {need} exceeds the model's {max_pos} positions")
+    out = Path(cfg.output)
+    _check_dir(out, cfg)
+    from theseus_deploy.data import label_mapping, load_from_config
+
+    train = load_from_config(cfg, "train")
+    dev = load_from_config(cfg, "dev", spec=train.spec)
+    mapping = label_mapping(dev.spec, pred_config)
+    if mapping is not None:
+        dev.labels = mapping[dev.labels]
+    del train
+
+    if cfg.threads:  # training and scoring too: on a busy 2-core machine 2 threads ran 10x slower than 1
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+    # ---- the folder
+    if cfg.overwrite and out.is_dir():
+        _wipe(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / STATE, _deciding(cfg))
+
+    points = [(d, bk) for d in depths for bk in backends]
+    stages = []
+    for d in depths:
+        if d < pred_layers:
+            stages.append(("compress", f"L{d}", d, None))
+        stages.append(("eval", f"L{d}", d, None))
+        for bk in backends:
+            if bk != "torch":
+                stages.append(("export", f"L{d} {bk}", d, bk))
+    stages.append(("latency", mode["name"], None, None))
+
+    from .progress import Progress
+
+    progress = Progress([(k, label) for k, label, _, _ in stages], enabled=show_progress)
+    record_stages, executed = [], [0]
+    t_start = time.time()
+
+    def model_dir(d: int) -> Path:
+        return Path(cfg.model) if d == pred_layers else out / f"L{d}" / "model"
+
+    def run_stage(i, fn, done: bool):
+        kind, label, _, _ = stages[i]
+        if done:
+            progress.finish(i, reused=True)
+            record_stages.append({"stage": kind, "what": label, "reused": True})
+            return
+        if stop_after is not None and executed[0] >= stop_after:
+            raise SweepStopped(f"stopped before stage {i + 1} ({kind} {label})")
+        progress.start(i)
+        t0 = time.time()
+        fn()
+        progress.finish(i)
+        executed[0] += 1
+        rec = {"stage": kind, "what": label, "reused": False, "seconds": round(time.time() - t0, 1)}
+        record_stages.append(rec)
+        # sweep.json describes the latest invocation; this log keeps every executed stage's wall time
+        with open(out / "stages.jsonl", "a") as f:
+            f.write(json.dumps({**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+    tokenizer_cache = {}
+
+    def score(runner, d) -> dict:
+        from theseus_deploy.export.validate import task_metric
+        from theseus_deploy.hf import load_tokenizer
+
+        if d not in tokenizer_cache:
+            tokenizer_cache[d] = load_tokenizer(str(model_dir(d)))
+        length = min(max(EVAL_MAX_LENGTH, cfg.max_seq_length), max_pos)
+        return task_metric(runner, tokenizer_cache[d], dev, max_seq_length=length, batch_size=cfg.eval_batch_size)
+
+    for i, (kind, label, d, bk) in enumerate(stages):
+        if kind == "compress":
+            folder = model_dir(d)
+
+            def do_compress(d=d, folder=folder):
+                from theseus_deploy.train import run_compress
+
+                resume = (folder.with_name(folder.name + ".partial") / "checkpoint.pt").is_file()
+                run_compress(compress_config(cfg, d, folder, resume))
+
+            run_stage(i, do_compress, (folder / "metrics.json").is_file())
+        elif kind == "eval":
+            path = out / f"L{d}" / "eval.json"
+
+            def do_eval(d=d, path=path):
+                from theseus_deploy.export.runtime import load_runner
+
+                runner = load_runner(str(model_dir(d)), "torch", cfg.device, cfg.threads)
+                write_json(path, {"layers": d, "backend": "torch", "model": str(model_dir(d)),
+                                  "metrics": score(runner, d)})
+
+            run_stage(i, do_eval, path.is_file())
+        elif kind == "export":
+            path = out / f"L{d}" / f"{bk}.json"
+
+            def do_export(d=d, bk=bk, path=path):
+                write_json(path, _export_point(cfg, d, bk, model_dir(d), out / f"L{d}", mode, max_pos, score))
+
+            run_stage(i, do_export, path.is_file())
+
+    # ---- latency (reused while the same points are timed with the same settings)
+    evals = {d: json.loads((out / f"L{d}" / "eval.json").read_text()) for d in depths}
+    info = {}
+    for d in depths:
+        info[(d, "torch")] = {"metrics": evals[d]["metrics"], "run": str(model_dir(d))}  # also the reference
+        for bk in backends:
+            if bk != "torch":
+                info[(d, bk)] = json.loads((out / f"L{d}" / f"{bk}.json").read_text())
+    timed = [(pred_layers, "torch")] + [p for p in points if p != (pred_layers, "torch") and not info[p].get("rejected")]
+    timing_settings = {"points": [f"L{d}|{bk}" for d, bk in timed], "mode": mode, "device": cfg.device,
+                       "warmup": cfg.warmup, "iterations": cfg.iterations, "min_seconds": cfg.min_seconds,
+                       "rounds": cfg.rounds, "threads": cfg.threads, "deciding": _deciding(cfg)}
+    lat_path = out / f"latency-{mode['name']}.json"
+    cached = json.loads(lat_path.read_text()) if lat_path.is_file() else None
+
+    def do_latency():
+        write_json(lat_path, {"settings": timing_settings, "environment": _environment(cfg.threads),
+                              "points": _time_points(cfg, timed, info, pred_layers, mode, dev, model_dir)})
+
+    run_stage(len(stages) - 1, do_latency, bool(cached and cached.get("settings") == timing_settings))
+    latency = json.loads(lat_path.read_text())
+
+    # ---- decide, report
+    from .report import build_record, write_outputs
+
+    record = build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency, record_stages,
+                          time.time() - t_start)
+    pts = [Point(r["layers"], r["backend"], r["score"], r["latency_s"][cfg.percentile], r["drop"])
+           for r in record["points"] if r.get("candidate")]
+    decision = decide(pts, budget, cfg.max_task_drop) if pts else None
+    write_outputs(out, record, pts, decision, cfg, info, model_dir)
+    if decision is not None and decision.choice is None:
+        record["decision"]["message"] = nothing_message(pts, decision, cfg.percentile)
+    return record
+
+
+def _environment(threads):
+    from theseus_deploy.bench.env import environment
+
+    return environment(threads)
+
+
+def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: dict, max_pos: int, score) -> dict:
+    """Export (when the backend runs an artifact), validate against PyTorch, score on dev."""
+    from theseus_deploy.export.api import export_model
+    from theseus_deploy.export.runtime import load_runner
+    from theseus_deploy.export.validate import ValidationError
+
+    fmt = export_format(backend) or (backend if backend in FORMATS else None)
+    rec = {"layers": d, "backend": backend, "format": fmt}
+    run_from = model
+    if fmt is not None:
+        export_dir = folder / f"export-{backend}"
+        seq = max(mode.get("seq_len", 0), mode.get("max_length", 0), EVAL_MAX_LENGTH, cfg.max_seq_length)
+        try:
+            manifest = export_model(str(model), [fmt], str(export_dir), opset=cfg.opset,
+                                    max_batch_size=max(mode.get("batch_size", 1), cfg.eval_batch_size),
+                                    max_seq_length=min(seq, max_pos), validate=True, atol=cfg.atol,
+                                    threads=cfg.threads, int8_per_channel=cfg.int8_per_channel,
+                                    int8_reduce_range=cfg.int8_reduce_range, overwrite=export_dir.exists())
+        except ValidationError as e:
+            return {**rec, "rejected": f"validation failed: {e}"}
+        rec["validation"] = manifest["artifacts"][0].get("validation")
+        rec["export"] = str(export_dir)
+        if fmt in FORMATS and FORMATS[fmt].file:
+            run_from = export_dir
+    runner = load_runner(str(run_from), backend, cfg.device, cfg.threads)
+    rec["run"] = str(run_from)
+    rec["metrics"] = score(runner, d)
+    return rec
+
+
+def _time_points(cfg, timed, info, pred_layers, mode, dev, model_dir) -> dict:
+    from theseus_deploy.bench.sweep import Entry
+    from theseus_deploy.export.runtime import load_runner
+    from theseus_deploy.hf import load_config, load_tokenizer
+
+    from .latency import measure
+
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    entries = []
+    for d, bk in timed:
+        run = info[(d, bk)].get("run") or str(model_dir(d))
+        runner = load_runner(run, bk, cfg.device, cfg.threads)
+        hf = load_config(str(model_dir(d)))
+        runner.vocab_size = hf.vocab_size
+        entries.append(Entry(f"L{d}", "predecessor" if d == pred_layers else "successor", bk, runner, hf))
+    texts = dev.texts[:mode["samples"]] if mode["kind"] == "traffic" and mode["samples"] else dev.texts
+    res = measure(entries, mode, cfg.device, cfg.warmup, cfg.iterations, cfg.min_seconds, cfg.rounds,
+                  tokenizer=load_tokenizer(str(model_dir(pred_layers))), texts=texts)
+    if mode["kind"] == "traffic":
+        for r in res.values():
+            r["num_requests_per_round"] = len(texts)
+    return res
