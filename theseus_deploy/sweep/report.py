@@ -100,7 +100,7 @@ def markdown(record: dict) -> str:
            f"Latency: {how}; device {cfg['device']} ({env.get('gpu') or env.get('cpu')}; CPU flags: {flags}), "
            f"threads {env.get('torch_threads')}, {cfg['rounds']} interleaved rounds; speedups are medians of per-round "
            "paired ratios against the predecessor.",
-           f"Per-depth compress budget: " + (f"{cfg['max_steps']} steps" if cfg.get("max_steps") else f"{cfg['epochs']:g} epoch(s)")
+           "Per-depth compress budget: " + (f"{cfg['max_steps']} steps" if cfg.get("max_steps") else f"{cfg['epochs']:g} epoch(s)")
            + f" at sequence length {cfg['max_seq_length']}, batch {cfg['batch_size']}, seed {cfg['seed']}.",
            f"Limits: {q} <= " + (fmt_latency(dec["budget_s"]) if dec["budget_s"] else "(no budget)")
            + f", dev score at most {dec['max_task_drop']:g} below the predecessor's.", "", "## Choice", ""]
