@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+SERVE = ["tritonclient[grpc,http]>=2.50,<3", "pyzmq>=23", "sh>=1.14", "typing_inspect>=0.6", "wrapt>=1.11",
+         "typer>=0.9", "importlib_metadata>=7"]
+
 setup(
     name="theseus-deploy",
     version="0.1.0",
@@ -27,7 +30,11 @@ setup(
     extras_require={
         "gpu": ["onnxruntime-gpu>=1.18"],
         "trt": ["tensorrt>=10.0", "onnxruntime-gpu>=1.18"],
-        "dev": ["pytest>=7"],
+        # Serving (theseus_deploy/serve): nvidia-pytriton 0.7.0 itself pins numpy<2 for its Python-backend
+        # stub, so `make install` installs it with --no-deps and gives the stub its own environment
+        # (<venv>/triton-stub-env, see theseus_deploy/serve/server.py); these are its other dependencies.
+        "serve": SERVE,
+        "dev": ["pytest>=7"] + SERVE,
     },
     entry_points={"console_scripts": ["theseus-deploy=theseus_deploy.cli:main"]},
 )
