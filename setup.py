@@ -9,7 +9,7 @@ setup(
     description="BERT-of-Theseus compression, ONNX/TensorRT export and latency benchmarks for BERT-family classifiers",
     python_requires=">=3.10",
     packages=find_packages(include=["theseus_deploy*"]),
-    package_data={"theseus_deploy.bench": ["baselines/*.json"]},
+    package_data={"theseus_deploy.bench": ["baselines/*.json"], "theseus_deploy.serve": ["triton_models/*.py"]},
     install_requires=[
         # CPU wheel; GPU users install their CUDA build of torch first (see README).
         "torch>=2.4",

@@ -196,6 +196,11 @@ class ExportConfig(Checked):
     int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
+    triton_max_length: int = opt(128, "--format triton: the tokenizer step pads every text to this many tokens.", ge=8)
+    triton_max_queue_delay_ms: float = opt(2.0, "--format triton: dynamic batching queue delay (ms).", ge=0, le=10000)
+    triton_max_queue_size: int = opt(256, "--format triton: bounded queue; beyond it requests are rejected.", ge=1)
+    triton_queue_timeout_ms: float = opt(10000.0, "--format triton: a request queued longer is rejected (ms).", gt=0)
+    triton_instances: int = opt(1, "--format triton: instances per model.", ge=1, le=64)
 
 
 @dataclass

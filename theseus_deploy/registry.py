@@ -37,6 +37,8 @@ _FORMATS = [
     Format("onnx-fp16-trt", "model-fp16-trt.onnx", (), "unfused fp16 graph, standard ops only, for TensorRT"),
     Format("trt", "model-fp16.plan", ("onnx-fp16-trt",), "TensorRT FP16 engine (NVIDIA GPU)"),
     Format("torch-bf16", None, (), "nothing written: PyTorch bf16 validated like an artifact"),
+    Format("triton", None, (), "a Triton model repository (tokenizer + classifier + postprocess ensemble) of the other "
+           "formats given (default onnx-int8: CPU instances; onnx-fp16/trt: GPU instances), checked offline"),
 ]
 
 _BACKENDS = [
