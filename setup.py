@@ -1,7 +1,7 @@
 from setuptools import find_packages, setup
 
 SERVE = ["tritonclient[grpc,http]>=2.50,<3", "pyzmq>=23", "sh>=1.14", "typing_inspect>=0.6", "wrapt>=1.11",
-         "typer>=0.9", "importlib_metadata>=7"]
+         "typer>=0.9", "importlib_metadata>=7", "aiohttp>=3.8,<4"]
 
 setup(
     name="theseus-deploy",

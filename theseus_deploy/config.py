@@ -252,6 +252,8 @@ class ServeConfig(Checked):
     http_port: int = opt(8000, "KServe v2 HTTP port.", ge=1, le=65535)
     grpc_port: int = opt(8001, "KServe v2 gRPC port.", ge=1, le=65535)
     metrics_port: int = opt(8002, "Prometheus metrics port.", ge=1, le=65535)
+    http_gateway: bool = opt(True, "A thin HTTP front that answers malformed requests with 400 (Triton itself answers "
+                                   "some with 500); Triton's HTTP then listens on an internal loopback port.")
     max_batch_size: int = opt(32, "Largest batch the dynamic batcher forms (1: no batching, one request per forward).",
                               ge=1)
     max_queue_delay_ms: float = opt(2.0, "How long the batcher may hold a request to fill a batch (ms).", ge=0, le=10000)

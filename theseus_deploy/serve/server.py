@@ -18,10 +18,11 @@ Measured facts this module is built on (nvidia-pytriton 0.7.0, Triton 2.51.0, Py
   PYTHONPATH (an isolated embedded interpreter; measured), so it gets its own Python environment
   with nvidia-pytriton and numpy<2 (`make install` builds <venv>/triton-stub-env); PyTriton
   puts the environment's bin/ first on the server's PATH. This process keeps the project's numpy.
-- PyTriton reports an error raised by the infer function for every request of the merged batch,
-  so a bad text is answered inside the batch (see `classify_batch`) and the other requests of
-  that batch still get their labels; malformed JSON, a wrong tensor name or datatype and a
-  batch over --max-batch-size are refused by Triton itself with 400 before the model sees them.
+- PyTriton reports an error raised by the infer function for every request of the merged batch
+  (as a 500), and Triton's HTTP frontend answers malformed JSON and non-string texts with 500:
+  the HTTP gateway (gateway.py, on by default) refuses bad requests with 400 before Triton sees
+  them; behind it (and for gRPC clients) a bad text is still answered inside the batch (see
+  `classify_batch`) so the other requests of that batch get their labels.
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ from theseus_deploy.errors import UsageError
 MODEL_NAME = "text_classifier"
 LOG = logging.getLogger("theseus_deploy.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def python_libdir_env() -> None:
@@ -148,6 +157,7 @@ class Server:
         self.cfg = cfg
         self.workdir = Path(tempfile.mkdtemp(prefix="theseus-serve-"))
         self.triton = None
+        self.gateway = None
 
     def start(self) -> "Server":
         cfg = self.cfg
@@ -178,7 +188,9 @@ class Server:
         from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-        config = TritonConfig(http_address=cfg.host, http_port=cfg.http_port, grpc_address=cfg.host,
+        # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal loopback port.
+        triton_http = _free_port(cfg.host) if cfg.http_gateway else cfg.http_port
+        config = TritonConfig(http_address=cfg.host, http_port=triton_http, grpc_address=cfg.host,
                               grpc_port=cfg.grpc_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
                               exit_timeout_secs=cfg.exit_timeout_secs, log_verbose=0)
         preferred = sorted({b for b in (cfg.max_batch_size // 4, cfg.max_batch_size // 2, cfg.max_batch_size) if b >= 1})
@@ -200,6 +212,11 @@ class Server:
                                   Tensor(name="score", dtype=np.float32, shape=(1,))],
                          config=model_config, strict=True)
         self.triton.run()
+        if cfg.http_gateway:
+            from .gateway import Gateway
+
+            self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
+            self.gateway.start()
         self.ready_seconds = time.perf_counter() - t0
 
     @property
@@ -227,6 +244,9 @@ class Server:
         those still alive after --exit-timeout-secs + 10 s: nothing is left behind."""
         import psutil
 
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
         if self.triton is not None:
             try:
                 children = psutil.Process().children(recursive=True)
