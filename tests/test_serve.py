@@ -63,17 +63,15 @@ def export_dir(tiny_bert, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(export_dir, tmp_path_factory):
+def start_server(model, log, *extra):
+    """A `theseus-deploy serve` process on free loopback ports, ready to answer; stop it with stop_server."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
-    log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    cmd = [sys.executable, "-m", "theseus_deploy", "serve", str(export_dir), "--http-port", str(ports["http"]),
-           "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]), "--max-batch-size", "8",
-           "--max-queue-delay-ms", "20", "--max-length", "64", "--exit-timeout-secs", "2", "--verbose"]
+    cmd = [sys.executable, "-m", "theseus_deploy", "serve", str(model), "--http-port", str(ports["http"]),
+           "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]), "--exit-timeout-secs", "2", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    info = {"proc": proc, "ports": ports, "log": log, "pids": set()}
+    info = {"proc": proc, "ports": ports, "log": log, "pids": {proc.pid}}
     try:
         deadline = time.time() + 180
         while True:
@@ -88,22 +86,39 @@ def server(export_dir, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        info["pids"] = {proc.pid} | {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        info["pids"] |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    except BaseException:
+        stop_server(info)
+        raise
+    return info
+
+
+def stop_server(info):
+    """Stop by PID (SIGTERM, then SIGKILL of its group), and kill any process of it still alive."""
+    proc = info["proc"]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    for pid in info["pids"]:
+        if psutil.pid_exists(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    info = start_server(export_dir, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-batch-size", "8",
+                        "--max-queue-delay-ms", "20", "--max-length", "64", "--verbose")
+    try:
         yield info
     finally:
-        if proc.poll() is None:  # a failed test: stop it by PID, then its group
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        for pid in info["pids"]:
-            if psutil.pid_exists(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        stop_server(info)
 
 
 def test_listens_on_loopback_only(server):
@@ -211,3 +226,20 @@ def test_sigterm_stops_everything(server):
     left = [(p, psutil.Process(p).cmdline()[:3]) for p in server["pids"]
             if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left after SIGTERM: {left}"
+
+
+def test_overloaded_queue_is_rejected_at_once(export_dir, tmp_path):
+    """A full queue answers 503 "Exceeds maximum queue size" immediately instead of holding the client."""
+    from theseus_deploy.serve.loadtest import run_level
+
+    info = start_server(export_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue-size", "1")
+    try:
+        texts = ["a gripping film", "dull and far too long"]
+        r = run_level("127.0.0.1", info["ports"]["http"], MODEL, texts, 32, 400, 60, 30)
+        assert r["ok"] > 0 and r["errors"] > 0, r
+        assert set(r["statuses"]) <= {"200", "503"}
+        assert all("Exceeds maximum queue size" in e for e in r["error_samples"])
+        status, body = post(info["ports"]["http"], infer_json(texts[:1]))
+        assert status == 200
+    finally:
+        stop_server(info)
