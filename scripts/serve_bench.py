@@ -83,6 +83,8 @@ def main():
     ap.add_argument("--sweep-seconds", type=float, default=10)
     ap.add_argument("--soak-seconds", type=float, default=300)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra flag for every `serve` (repeat), e.g. --server-arg=--no-http-gateway")
     args = ap.parse_args()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,10 +99,11 @@ def main():
         exports[role] = str(folder.resolve())
     servers, summary = [], {}
     try:
-        servers.append(start("predecessor", exports["predecessor"], out, "--backend", args.backend))
-        servers.append(start("successor", exports["successor"], out, "--backend", args.backend))
+        extra = args.server_arg
+        servers.append(start("predecessor", exports["predecessor"], out, "--backend", args.backend, *extra))
+        servers.append(start("successor", exports["successor"], out, "--backend", args.backend, *extra))
         servers.append(start("naive", str(Path(args.predecessor).resolve()), out, "--backend", "torch",
-                             "--max-batch-size", "1", "--max-queue-delay-ms", "0"))
+                             "--max-batch-size", "1", "--max-queue-delay-ms", "0", *extra))
         summary["ready_s"] = {s["name"]: s["ready_s"] for s in servers}
         urls, names = [s["url"] for s in servers], [s["name"] for s in servers]
         r32 = loadtest(urls, names, out / "c32", "--concurrency", "32", "--rounds", str(args.rounds),
@@ -115,6 +118,7 @@ def main():
             summary["soak"] = soak["summary"]
     finally:
         summary["stop_s"] = {s["name"]: stop(s) for s in servers}
+    summary["server_args"] = args.server_arg
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("ready_s", "stop_s")}, indent=2))
 

@@ -97,7 +97,7 @@ def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, 
     return str(out)
 
 
-def classify_batch(classifier, texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def classify_batch(classifier, texts: np.ndarray, micro_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores for a merged batch of texts (shape [n, 1] BYTES). A row that is not
     valid UTF-8 text or is empty gets label `error: ...` and score NaN; the caller turns a batch
     made only of such rows into a 400. Valid rows are classified together."""
@@ -116,15 +116,20 @@ def classify_batch(classifier, texts: np.ndarray) -> tuple[np.ndarray, np.ndarra
     labels = np.empty((len(rows), 1), dtype=object)
     scores = np.full((len(rows), 1), np.nan, dtype=np.float32)
     if decoded:
-        results = classifier([t for _, t in decoded])
-        for (i, _), r in zip(decoded, results):
-            labels[i, 0], scores[i, 0] = r["label"].encode(), r["score"]
+        # Sorted by length and run in micro-batches: a merged batch padded to its longest text wastes
+        # compute on a CPU (see ServeConfig.micro_batch); each micro-batch is padded to its own longest.
+        decoded.sort(key=lambda x: len(x[1]))
+        step = micro_batch or len(decoded)
+        for start in range(0, len(decoded), step):
+            chunk = decoded[start:start + step]
+            for (i, _), r in zip(chunk, classifier([t for _, t in chunk])):
+                labels[i, 0], scores[i, 0] = r["label"].encode(), r["score"]
     for i, msg in bad.items():
         labels[i, 0] = msg.encode()
     return labels, scores
 
 
-def make_infer_func(classifier):
+def make_infer_func(classifier, micro_batch: int = 0):
     """The function Triton calls with the requests of one merged batch (a list of requests)."""
     from pytriton.exceptions import PyTritonBadParameterError
 
@@ -132,7 +137,7 @@ def make_infer_func(classifier):
         sizes = [len(r["text"]) for r in requests]
         texts = np.concatenate([r["text"] for r in requests], axis=0)
         t0 = time.perf_counter()
-        labels, scores = classify_batch(classifier, texts)
+        labels, scores = classify_batch(classifier, texts, micro_batch)
         LOG.debug("batch of %d requests, %d texts in %.1f ms", len(requests), len(texts), 1000 * (time.perf_counter() - t0))
         if np.isnan(scores).all():
             # nothing valid in the whole merged batch: an error for all of its requests (a 400)
@@ -206,7 +211,7 @@ class Server:
         # counts) stay open, the endpoints that change the server (repository, shared memory, trace, logging) do not.
         security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
         self.triton = Triton(config=config, workspace=self.workdir / "workspace", security_config=security)
-        self.triton.bind(model_name=MODEL_NAME, infer_func=[make_infer_func(c) for c in classifiers],
+        self.triton.bind(model_name=MODEL_NAME, infer_func=[make_infer_func(c, cfg.micro_batch) for c in classifiers],
                          inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
                          outputs=[Tensor(name="label", dtype=bytes, shape=(1,)),
                                   Tensor(name="score", dtype=np.float32, shape=(1,))],
