@@ -72,7 +72,27 @@ def loadtest(urls, names, out: Path, *extra: str):
     return json.loads((out / "results.json").read_text())
 
 
+def paired(results: dict, num: str, den: str) -> dict:
+    """Median (and min-max) over rounds of num's req/s / den's req/s at the same level and round."""
+    import statistics
+
+    out = {}
+    by = {(r["server"], r["concurrency"], r["round"]): r for r in results["runs"]}
+    for (server, c, rnd), r in by.items():
+        if server == num and (den, c, rnd) in by and by[(den, c, rnd)]["requests_s"] > 0:
+            out.setdefault(c, []).append(r["requests_s"] / by[(den, c, rnd)]["requests_s"])
+    return {c: {"median": statistics.median(v), "min": min(v), "max": max(v), "rounds": len(v)} for c, v in out.items()}
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--ratios":  # re-read a finished run: python serve_bench.py --ratios DIR/c32
+        res = json.loads((Path(sys.argv[2]) / "results.json").read_text())
+        names = list(dict.fromkeys(r["server"] for r in res["runs"]))
+        for a in names:
+            for b in names:
+                if a != b:
+                    print(f"{a} / {b}: {json.dumps(paired(res, a, b))}")
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--predecessor", required=True)
     ap.add_argument("--successor", required=True)

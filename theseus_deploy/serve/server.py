@@ -131,13 +131,21 @@ def classify_batch(classifier, texts: np.ndarray, micro_batch: int = 0) -> tuple
 
 def make_infer_func(classifier, micro_batch: int = 0):
     """The function Triton calls with the requests of one merged batch (a list of requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pytriton.exceptions import PyTritonBadParameterError
+
+    # Every forward from one thread: PyTriton calls `infer` from changing threads, and each new
+    # calling thread can give PyTorch's OpenMP a new thread team. Measured on 2 shared cores: the
+    # naive (torch) server swung between ~3 and ~70 requests/s before and after this change alike
+    # (docs/serve.md: cause not found); the ONNX servers were not slower with it.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     def infer(requests):
         sizes = [len(r["text"]) for r in requests]
         texts = np.concatenate([r["text"] for r in requests], axis=0)
         t0 = time.perf_counter()
-        labels, scores = classify_batch(classifier, texts, micro_batch)
+        labels, scores = worker.submit(classify_batch, classifier, texts, micro_batch).result()
         LOG.debug("batch of %d requests, %d texts in %.1f ms", len(requests), len(texts), 1000 * (time.perf_counter() - t0))
         if np.isnan(scores).all():
             # nothing valid in the whole merged batch: an error for all of its requests (a 400)
