@@ -3,6 +3,7 @@ PY ?= .venv/bin/python
 VENV ?= .venv
 DATA_DIR ?= $(if $(THESEUS_DATA_DIR),$(THESEUS_DATA_DIR),../shared/data/glue)
 RUNS ?= runs
+PYTRITON ?= 0.7.0
 
 .PHONY: install test test-gpu gpu-check demo results bench-smoke bench-baseline clean
 
@@ -11,6 +12,10 @@ $(VENV)/.installed: setup.py requirements-cpu.txt constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -r requirements-cpu.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	# serve: PyTriton without its numpy<2 pin; its Triton Python-backend stub gets its own environment
+	$(PY) -m pip install -q --no-deps "nvidia-pytriton==$(PYTRITON)"
+	test -x $(VENV)/triton-stub-env/bin/python || $(PY) -m venv $(VENV)/triton-stub-env
+	$(VENV)/triton-stub-env/bin/python -m pip install -q "nvidia-pytriton==$(PYTRITON)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,12 +1,15 @@
 from setuptools import find_packages, setup
 
+SERVE = ["tritonclient[grpc,http]>=2.50,<3", "pyzmq>=23", "sh>=1.14", "typing_inspect>=0.6", "wrapt>=1.11",
+         "typer>=0.9", "importlib_metadata>=7", "aiohttp>=3.8,<4"]
+
 setup(
     name="theseus-deploy",
     version="0.1.0",
     description="BERT-of-Theseus compression, ONNX/TensorRT export and latency benchmarks for BERT-family classifiers",
     python_requires=">=3.10",
     packages=find_packages(include=["theseus_deploy*"]),
-    package_data={"theseus_deploy.bench": ["baselines/*.json"]},
+    package_data={"theseus_deploy.bench": ["baselines/*.json"], "theseus_deploy.serve": ["triton_models/*.py"]},
     install_requires=[
         # CPU wheel; GPU users install their CUDA build of torch first (see README).
         "torch>=2.4",
@@ -28,7 +31,11 @@ setup(
     extras_require={
         "gpu": ["onnxruntime-gpu>=1.31"],
         "trt": ["tensorrt>=10.0", "onnxruntime-gpu>=1.31"],
-        "dev": ["pytest>=7"],
+        # Serving (theseus_deploy/serve): nvidia-pytriton 0.7.0 itself pins numpy<2 for its Python-backend
+        # stub, so `make install` installs it with --no-deps and gives the stub its own environment
+        # (<venv>/triton-stub-env, see theseus_deploy/serve/server.py); these are its other dependencies.
+        "serve": SERVE,
+        "dev": ["pytest>=7"] + SERVE,
     },
     entry_points={"console_scripts": ["theseus-deploy=theseus_deploy.cli:main"]},
 )

@@ -111,8 +111,11 @@ def options_from(cls, required: tuple[str, ...] = ()):
     return decorate
 
 
-@click.group(cls=LazyGroup, lazy_commands={"export": "theseus_deploy.export.command:export", "bench": "theseus_deploy.bench.command:bench",
-                             "sweep": "theseus_deploy.sweep.command:sweep"},
+@click.group(cls=LazyGroup, lazy_commands={"export": "theseus_deploy.export.command:export",
+                                           "bench": "theseus_deploy.bench.command:bench",
+                                           "sweep": "theseus_deploy.sweep.command:sweep",
+                                           "serve": "theseus_deploy.serve.command:serve",
+                                           "loadtest": "theseus_deploy.serve.command:loadtest"},
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option("0.1.0", prog_name="theseus-deploy")
 def cli():

@@ -220,6 +220,11 @@ class ExportConfig(Checked):
                                      choices=["dynamic", "static", "fp32"])
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
+    triton_max_length: int = opt(128, "--format triton: the tokenizer step pads every text to this many tokens.", ge=8)
+    triton_max_queue_delay_ms: float = opt(2.0, "--format triton: dynamic batching queue delay (ms).", ge=0, le=10000)
+    triton_max_queue_size: int = opt(256, "--format triton: bounded queue; beyond it requests are rejected.", ge=1)
+    triton_queue_timeout_ms: float = opt(10000.0, "--format triton: a request queued longer is rejected (ms).", gt=0)
+    triton_instances: int = opt(1, "--format triton: instances per model.", ge=1, le=64)
 
 
 @dataclass
@@ -262,6 +267,57 @@ class BenchConfig(Checked):
     ort_session: str = opt("default", "ONNX Runtime CPU session options: default, or latency (intra-op threads = physical "
                                       "cores, inter-op 1, spinning, sequential; docs/bench.md 'CPU batch 1').",
                            choices=["default", "latency"])
+    overwrite: bool = opt(False, "Replace a non-empty output folder.")
+
+
+
+@dataclass
+class ServeConfig(Checked):
+    """Serve a text classifier on Triton (PyTriton's bundled server): KServe v2 HTTP + gRPC, dynamic batching."""
+
+    model: str = opt(None, "Model folder (exported on the fly for ONNX backends) or a folder written by `export`.")
+    backend: str = opt("onnx-int8", "Runtime backend of the served model (onnx-int8: the fastest on CPUs; "
+                                    "naive baseline: torch with --max-batch-size 1).", choices=_backends())
+    device: str = opt("cpu", "Device the model runs on.", choices=["cpu", "cuda"])
+    host: str = opt("127.0.0.1", "Address HTTP, gRPC and metrics listen on (loopback unless --allow-remote).")
+    allow_remote: bool = opt(False, "Allow a --host other than loopback (put the server behind your own gateway).")
+    http_port: int = opt(8000, "KServe v2 HTTP port.", ge=1, le=65535)
+    grpc_port: int = opt(8001, "KServe v2 gRPC port.", ge=1, le=65535)
+    metrics_port: int = opt(8002, "Prometheus metrics port.", ge=1, le=65535)
+    http_gateway: bool = opt(True, "A thin HTTP front that answers malformed requests with 400 (Triton itself answers "
+                                   "some with 500); Triton's HTTP then listens on an internal loopback port.")
+    max_batch_size: int = opt(32, "Largest batch the dynamic batcher forms (1: no batching, one request per forward).",
+                              ge=1)
+    max_queue_delay_ms: float = opt(2.0, "How long the batcher may hold a request to fill a batch (ms).", ge=0, le=10000)
+    max_queue_size: int = opt(256, "Requests that may wait in the queue; beyond it requests are rejected at once.", ge=1)
+    queue_timeout_ms: float = opt(10000.0, "A request still queued after this long is rejected (ms).", gt=0)
+    instances: int = opt(1, "Model instances (each with its own runner and cores/instances threads).", ge=1, le=64)
+    threads: int | None = opt(None, "CPU threads per instance (default: cores / instances).", ge=1)
+    max_length: int = opt(128, "Truncate texts to this many tokens.", ge=8)
+    micro_batch: int = opt(4, "Run a merged batch sorted by length in forwards of at most this many texts, each "
+                              "padded to its own longest (0: one forward per merged batch; measured on MiniLM-L6 INT8, c=16: 4 served 1.35x the requests/s of 0, see docs/serve.md).", ge=0)
+    exit_timeout_secs: int = opt(5, "On stop, wait at most this long for in-flight requests (s).", ge=0, le=600)
+    verbose: bool = opt(False, "Log the server's and the batcher's messages.")
+
+
+@dataclass
+class LoadtestConfig(Checked):
+    """Closed-loop load on served models (loopback only): real dev texts, requests/s and latency per concurrency."""
+
+    urls: tuple[str, ...] = opt((), "Server URL(s), e.g. http://127.0.0.1:8000; several are loaded in turn, interleaved, "
+                                    "the first is the reference for ratios.", multiple=True)
+    names: tuple[str, ...] = opt((), "A name per URL for the report (default: host:port).", flag="--name", multiple=True)
+    model_name: str = opt("text_classifier", "Triton model name on every server.")
+    task: str = opt("sst2", "Real texts: this task's dev set (single-sentence tasks).")
+    data_dir: str | None = opt(None, "Local glue_data folder.")
+    max_eval_samples: int | None = opt(None, "Only the first N dev texts.", ge=1)
+    concurrency: str = opt("1,4,16,64", "Comma-separated numbers of concurrent clients (closed loop).")
+    requests: int = opt(2000, "Stop a level after this many requests ...", ge=1)
+    seconds: float = opt(20.0, "... or after this many seconds, whichever comes first.", gt=0, le=3600)
+    warmup: int = opt(16, "Untimed requests per server and level first.", ge=0)
+    rounds: int = opt(1, "Interleaved rounds over the servers (medians of paired ratios).", ge=1)
+    timeout: float = opt(30.0, "Per-request timeout (s); a timeout counts as an error.", gt=0)
+    output: str = opt(None, "Folder for results.json, report.md and latency_vs_throughput.png.")
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
 
 

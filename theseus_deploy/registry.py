@@ -47,6 +47,8 @@ _FORMATS = [
     Format("torch-bf16", None, (), "nothing written: PyTorch bf16 validated like an artifact"),
     Format("torch-compile", None, (), "nothing written (load-time): torch.compile (Inductor) validated like an artifact", 1e-4),
     Format("torch-compile-bf16", None, (), "nothing written (load-time): torch.compile in bf16 (AVX512-BF16/AMX CPUs)"),
+    Format("triton", None, (), "a Triton model repository (tokenizer + classifier + postprocess ensemble) of the other "
+           "formats given (default onnx-int8: CPU instances; onnx-fp16/trt: GPU instances), checked offline"),
 ]
 
 _BACKENDS = [

@@ -73,6 +73,9 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
     for f in formats:
         if f not in FORMATS:
             raise UsageError(f"unknown format '{f}': choose from {', '.join(FORMATS)}")
+    if "triton" in formats:
+        raise UsageError("--format triton is written by theseus_deploy.serve.repository.export_repository "
+                         "(`theseus-deploy export --format triton`), not by export_model")
     if opset < 17:
         raise UsageError(f"--opset must be 17 or higher (fused attention needs it), got {opset}")
     if opset > max_opset():

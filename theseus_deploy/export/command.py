@@ -20,6 +20,19 @@ def export(**kwargs):
     cfg = C.ExportConfig(**kwargs)
     args = dataclasses.asdict(cfg)
     model, formats, output = args.pop("model"), args.pop("formats"), args.pop("output")
+    triton = {k[len("triton_"):]: args.pop(k) for k in list(args) if k.startswith("triton_")}
+    if "triton" in formats:  # a model repository of the other formats (theseus_deploy.serve.repository)
+        from theseus_deploy.serve.repository import export_repository
+
+        max_batch_size = args.pop("max_batch_size")
+        try:
+            repo = export_repository(model, output, formats, max_batch_size=max_batch_size, **triton, **args)
+        except ValidationError as e:
+            raise UsageError(f"validation failed, nothing written: {e}") from None
+        for line in repo["validation"]:
+            click.echo(f"ok  {line}")
+        click.echo(f"wrote the Triton model repository {output} (entry point: {', '.join(repo['entry_points'])})")
+        return
     try:
         manifest = export_model(model, formats, output, **args)
     except ValidationError as e:

@@ -1,0 +1,245 @@
+"""`theseus-deploy serve` on PyTriton's bundled Triton server (tiny model, loopback, free ports).
+
+One server per module, started as a real `theseus-deploy serve` process and always stopped by
+PID; the last test stops it with SIGTERM and checks that no process of it is left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+psutil = pytest.importorskip("psutil")
+
+from conftest import REPO  # noqa: E402
+
+MODEL = "text_classifier"
+TEXTS = ["a gripping, beautifully acted film", "dull and far too long", "it is what it is",
+         "word " * 400]  # the last one is longer than --max-length: truncated, not refused
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port, body: bytes, timeout=30):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def infer_json(texts, name="text", datatype="BYTES"):
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": [len(texts), 1], "data": texts}]}).encode()
+
+
+def outputs(body):
+    out = {o["name"]: o["data"] for o in body["outputs"]}
+    return out["label"], out["score"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_bert, tmp_path_factory):
+    from theseus_deploy.export.api import export_model
+
+    out = tmp_path_factory.mktemp("serve") / "export"
+    export_model(str(tiny_bert), ["onnx-int8"], str(out), max_seq_length=128)
+    return out
+
+
+def start_server(model, log, *extra):
+    """A `theseus-deploy serve` process on free loopback ports, ready to answer; stop it with stop_server."""
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    cmd = [sys.executable, "-m", "theseus_deploy", "serve", str(model), "--http-port", str(ports["http"]),
+           "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]), "--exit-timeout-secs", "2", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    info = {"proc": proc, "ports": ports, "log": log, "pids": {proc.pid}}
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/models/{MODEL}/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server not ready after 180 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        info["pids"] |= {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+    except BaseException:
+        stop_server(info)
+        raise
+    return info
+
+
+def stop_server(info):
+    """Stop by PID (SIGTERM, then SIGKILL of its group), and kill any process of it still alive."""
+    proc = info["proc"]
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    for pid in info["pids"]:
+        if psutil.pid_exists(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    info = start_server(export_dir, tmp_path_factory.mktemp("serve-log") / "server.log", "--max-batch-size", "8",
+                        "--max-queue-delay-ms", "20", "--max-length", "64", "--verbose")
+    try:
+        yield info
+    finally:
+        stop_server(info)
+
+
+def test_listens_on_loopback_only(server):
+    conns = [c for p in server["pids"] if psutil.pid_exists(p) for c in psutil.Process(p).net_connections("inet")
+             if c.status == psutil.CONN_LISTEN]
+    ports = {c.laddr.port: c.laddr.ip for c in conns}
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    for name, port in server["ports"].items():
+        assert ports.get(port) in loopback, (name, port, ports)
+    assert all(ip in loopback for ip in ports.values()), ports
+
+
+def test_text_in_label_out_like_text_classifier(server, export_dir):
+    from theseus_deploy.export.runtime import TextClassifier
+
+    clf = TextClassifier.load(str(export_dir), backend="onnx-int8", max_length=64)
+    for text in TEXTS:
+        status, body = post(server["ports"]["http"], infer_json([text]))
+        assert status == 200, body
+        (label,), (score,) = outputs(body)
+        ref = clf([text])[0]
+        assert label == ref["label"]
+        assert abs(score - ref["score"]) < 1e-3  # INT8: dynamic activation scales depend on the batch's padding
+    status, body = post(server["ports"]["http"], infer_json(TEXTS[:3]))  # one request, several rows
+    assert status == 200 and len(outputs(body)[0]) == 3
+
+
+def test_grpc_and_health(server, export_dir):
+    import tritonclient.grpc as grpcclient
+
+    from theseus_deploy.export.runtime import TextClassifier
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['ports']['grpc']}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    inp = grpcclient.InferInput("text", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[TEXTS[0].encode()]], dtype=object))
+    res = client.infer(MODEL, [inp])
+    ref = TextClassifier.load(str(export_dir), backend="onnx-int8", max_length=64)([TEXTS[0]])[0]
+    assert res.as_numpy("label")[0, 0].decode() == ref["label"]
+    assert abs(float(res.as_numpy("score")[0, 0]) - ref["score"]) < 1e-3
+    client.close()
+
+
+def test_concurrent_requests_are_batched(server):
+    port = server["ports"]["http"]
+
+    def stats():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{MODEL}/stats", timeout=10) as r:
+            s = json.loads(r.read())["model_stats"][0]
+        return int(s["inference_count"]), int(s["execution_count"]), s["batch_stats"]
+
+    inf0, exe0, _ = stats()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda i: post(port, infer_json([TEXTS[i % 3]])), range(96)))
+    assert all(status == 200 for status, _ in results)
+    inf1, exe1, batch_stats = stats()
+    assert inf1 - inf0 == 96
+    assert exe1 - exe0 < 96, "no two requests were merged into one batch"
+    assert any(int(b["batch_size"]) > 1 for b in batch_stats)
+    assert max(int(b["batch_size"]) for b in batch_stats) <= 8
+
+
+@pytest.mark.parametrize("case", ["wrong tensor name", "wrong datatype", "batch over the limit", "malformed JSON",
+                                  "non-string", "empty text"])
+def test_bad_request_is_refused_and_server_keeps_serving(server, case):
+    port = server["ports"]["http"]
+    body = {"wrong tensor name": infer_json(["x"], name="txt"),
+            "wrong datatype": json.dumps({"inputs": [{"name": "text", "datatype": "INT32", "shape": [1, 1], "data": [5]}]}).encode(),
+            "batch over the limit": infer_json(["x"] * 9),
+            "malformed JSON": b'{"inputs": [{"name": ',
+            "non-string": json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [5]}]}).encode(),
+            "empty text": infer_json(["  "])}[case]
+    status, answer = post(port, body)
+    expected = {"wrong tensor name": "expected exactly one input named 'text'", "wrong datatype": "datatype BYTES",
+                "batch over the limit": "at most 8", "malformed JSON": "malformed JSON",
+                "non-string": "text 0 is not a string", "empty text": "text 0 is empty"}[case]
+    assert status == 400 and expected in answer.get("error", ""), (status, answer)
+    status, ok = post(port, infer_json([TEXTS[0]]))
+    assert status == 200 and outputs(ok)[0][0]
+
+
+def test_empty_text_in_a_batch_does_not_fail_the_others(server):
+    """Behind the HTTP front (gRPC goes straight to Triton) a bad row is answered in its row."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['ports']['grpc']}")
+    inp = grpcclient.InferInput("text", [2, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[TEXTS[0].encode()], [b""]], dtype=object))
+    res = client.infer(MODEL, [inp])
+    labels, scores = res.as_numpy("label")[:, 0], res.as_numpy("score")[:, 0]
+    assert labels[1] == b"error: empty text" and np.isnan(scores[1])
+    assert not labels[0].startswith(b"error") and 0 < scores[0] <= 1
+    client.close()
+
+
+def test_sigterm_stops_everything(server):
+    proc = server["proc"]
+    assert len(server["pids"]) >= 2  # the CLI and the tritonserver it started
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    deadline = time.time() + 5
+    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                         for p in server["pids"]):
+        time.sleep(0.2)
+    left = [(p, psutil.Process(p).cmdline()[:3]) for p in server["pids"]
+            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes left after SIGTERM: {left}"
+
+
+def test_overloaded_queue_is_rejected_at_once(export_dir, tmp_path):
+    """A full queue answers 503 "Exceeds maximum queue size" immediately instead of holding the client."""
+    from theseus_deploy.serve.loadtest import run_level
+
+    info = start_server(export_dir, tmp_path / "server.log", "--max-batch-size", "1", "--max-queue-size", "1")
+    try:
+        texts = ["a gripping film", "dull and far too long"]
+        r = run_level("127.0.0.1", info["ports"]["http"], MODEL, texts, 32, 400, 60, 30)
+        assert r["ok"] > 0 and r["errors"] > 0, r
+        assert set(r["statuses"]) <= {"200", "503"}
+        assert all("Exceeds maximum queue size" in e for e in r["error_samples"])
+        status, body = post(info["ports"]["http"], infer_json(texts[:1]))
+        assert status == 200
+    finally:
+        stop_server(info)

@@ -1,0 +1,119 @@
+"""A thin HTTP front for `serve`: refuses bad inference requests with 400 before Triton sees them.
+
+Measured on Triton 2.51 (PyTriton 0.7.0): malformed JSON and a non-string element of a BYTES
+input are answered 500 by Triton's HTTP frontend, and an error raised by a PyTriton infer
+function (an empty text) is a 500 for every request of the merged batch. The front checks what
+only the client can get wrong (JSON, tensor name, datatype, shape, batch size, element types,
+empty texts) and answers 400 with one clear message; a good request is forwarded unchanged
+(the body as received) to Triton on an internal loopback port, and so is every other path
+(health, metadata, statistics). An overloaded queue is Triton's answer (503-class) passed on.
+gRPC clients talk to Triton directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+INFER_SUFFIX = "/infer"
+
+
+def check_infer_body(body: bytes, input_name: str, max_batch_size: int) -> str | None:
+    """None if the request is well formed, else the message of a 400."""
+    try:
+        req = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"malformed JSON: {e}"
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        return "the body must be a JSON object with a non-empty 'inputs' list (KServe v2)"
+    names = [i.get("name") if isinstance(i, dict) else None for i in req["inputs"]]
+    if names != [input_name]:
+        return f"expected exactly one input named '{input_name}', got {names}"
+    inp = req["inputs"][0]
+    if inp.get("datatype") != "BYTES":
+        return f"input '{input_name}' must have datatype BYTES, got {inp.get('datatype')!r}"
+    shape, data = inp.get("shape"), inp.get("data")
+    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(d, int) and d >= 1 for d in shape)
+            and (len(shape) == 1 or shape[1] == 1)):
+        return f"input '{input_name}' shape must be [n, 1] (n texts), got {shape!r}"
+    if shape[0] > max_batch_size:
+        return f"{shape[0]} texts in one request, at most {max_batch_size} (--max-batch-size)"
+    flat = data
+    while isinstance(flat, list) and flat and isinstance(flat[0], list):
+        flat = [x for row in flat for x in row]
+    if not isinstance(flat, list) or len(flat) != shape[0]:
+        return f"input '{input_name}' data must hold {shape[0]} strings"
+    for i, t in enumerate(flat):
+        if not isinstance(t, str):
+            return f"text {i} is not a string ({type(t).__name__})"
+        if not t.strip():
+            return f"text {i} is empty"
+    return None
+
+
+class Gateway:
+    """aiohttp server on (host, port) in its own thread, forwarding to Triton at (host, upstream_port)."""
+
+    def __init__(self, host: str, port: int, upstream_port: int, model: str, input_name: str, max_batch_size: int):
+        self.host, self.port, self.upstream = host, port, f"http://{host}:{upstream_port}"
+        self.infer_paths = {f"/v2/models/{model}{INFER_SUFFIX}", f"/v2/models/{model}/versions/1{INFER_SUFFIX}"}
+        self.input_name, self.max_batch_size = input_name, max_batch_size
+        self.loop = None
+        self.thread = None
+        self.ready = threading.Event()
+        self.error = None
+
+    async def _handle(self, request):
+        from aiohttp import web
+
+        body = await request.read()
+        if request.method == "POST" and request.path.rstrip("/") in self.infer_paths:
+            msg = check_infer_body(body, self.input_name, self.max_batch_size)
+            if msg is not None:
+                return web.json_response({"error": msg}, status=400)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "inference-header-content-length",
+                                                                            "accept", "triton-access-token")}
+        async with self.session.request(request.method, self.upstream + request.path_qs, data=body or None,
+                                        headers=headers) as resp:
+            payload = await resp.read()
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length")}
+            return web.Response(body=payload, status=resp.status, headers=out_headers)
+
+    async def _main(self):
+        import aiohttp
+        from aiohttp import web
+
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60))
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=1024)
+        await site.start()
+        self.stopping = asyncio.Event()
+        self.ready.set()
+        await self.stopping.wait()
+        await self.runner.cleanup()
+        await self.session.close()
+
+    def _run(self):
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as e:  # reported to start()
+            self.error = e
+            self.ready.set()
+        finally:
+            self.loop.close()
+
+    def start(self):
+        self.thread = threading.Thread(target=self._run, name="http-gateway", daemon=True)
+        self.thread.start()
+        self.ready.wait(30)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self):
+        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stopping.set)
+            self.thread.join(15)

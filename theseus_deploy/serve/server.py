@@ -1,0 +1,311 @@
+"""`theseus-deploy serve`: one text classifier behind PyTriton's bundled Triton server.
+
+Clients speak KServe v2 (HTTP and gRPC): input `text` (BYTES, one string per request row),
+outputs `label` (BYTES) and `score` (FP32), exactly what `TextClassifier` returns. Triton's C++
+dynamic batcher merges concurrent requests; the merged batch is tokenized once (padding to the
+longest text of the batch, truncation at --max-length) and run by the runner of `--backend`.
+
+Measured facts this module is built on (nvidia-pytriton 0.7.0, Triton 2.51.0, Python 3.11):
+- HTTP, gRPC and metrics bind to 0.0.0.0 unless told otherwise: all three get --host.
+- Without a workspace PyTriton writes under ~/.cache: each server gets its own temporary one.
+- On a Python built outside the system (pyenv) the Python-backend stub loads the system
+  libpython unless that Python's LIBDIR leads LD_LIBRARY_PATH, and the model fails to start
+  (`'_thread.RLock' object has no attribute '_recursion_count'`).
+- Without --exit-timeout-secs a stop waited 30 s for in-flight requests.
+- The Python-backend stub in nvidia-pytriton 0.7.0 is compiled against numpy 1.x (its wheel pins
+  numpy<2): under numpy 2.4 a BYTES input reached the stub as an array with stride 0 and the stub
+  aborted (`unpack_from requires a buffer of at least 218959121 bytes`). The stub ignores
+  PYTHONPATH (an isolated embedded interpreter; measured), so it gets its own Python environment
+  with nvidia-pytriton and numpy<2 (`make install` builds <venv>/triton-stub-env); PyTriton
+  puts the environment's bin/ first on the server's PATH. This process keeps the project's numpy.
+- PyTriton reports an error raised by the infer function for every request of the merged batch
+  (as a 500), and Triton's HTTP frontend answers malformed JSON and non-string texts with 500:
+  the HTTP gateway (gateway.py, on by default) refuses bad requests with 400 before Triton sees
+  them; behind it (and for gRPC clients) a bad text is still answered inside the batch (see
+  `classify_batch`) so the other requests of that batch get their labels.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from theseus_deploy.errors import UsageError
+
+MODEL_NAME = "text_classifier"
+LOG = logging.getLogger("theseus_deploy.serve")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def python_libdir_env() -> None:
+    """Put this Python's LIBDIR first on LD_LIBRARY_PATH (the Triton Python-backend stub links libpython)."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        parts = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p and p != libdir]
+        os.environ["LD_LIBRARY_PATH"] = ":".join([libdir] + parts)
+
+
+def stub_env() -> Path | None:
+    """The Python environment for the Triton Python-backend stub (None: this one will do, numpy 1.x)."""
+    import sys
+
+    if int(np.__version__.split(".")[0]) < 2:
+        return None
+    env = Path(os.environ.get("THESEUS_TRITON_STUB_ENV", Path(sys.prefix) / "triton-stub-env"))
+    if not (env / "bin" / "python").exists():
+        raise UsageError(f"the Triton Python-backend stub needs a Python environment with numpy<2 (this one has numpy "
+                         f"{np.__version__}): run `make install`, or `{sys.executable} -m venv {env} && {env}/bin/pip install "
+                         f"nvidia-pytriton==0.7.0`, or set THESEUS_TRITON_STUB_ENV to such an environment")
+    return env
+
+
+def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, max_length: int) -> str:
+    """The folder a runner for `backend` loads: an export folder as is; a model folder as is for
+    PyTorch backends, else exported on the fly (validated) into `workdir`."""
+    from theseus_deploy.registry import BACKENDS, export_format
+
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+    path = Path(model)
+    if not path.is_dir():
+        raise UsageError(f"model folder not found: {model}")
+    if (path / "manifest.json").is_file() or BACKENDS[backend].format is None:
+        return str(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{model} is neither a model folder (config.json) nor an export folder (manifest.json)")
+    from theseus_deploy.export.api import export_model
+
+    out = workdir / "export"
+    LOG.info("exporting %s to %s on the fly", model, export_format(backend))
+    export_model(str(path), [export_format(backend)], str(out), max_batch_size=max_batch_size,
+                 max_seq_length=max_length)
+    return str(out)
+
+
+def classify_batch(classifier, texts: np.ndarray, micro_batch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores for a merged batch of texts (shape [n, 1] BYTES). A row that is not
+    valid UTF-8 text or is empty gets label `error: ...` and score NaN; the caller turns a batch
+    made only of such rows into a 400. Valid rows are classified together."""
+    rows = texts.reshape(len(texts), -1)[:, 0]
+    decoded, bad = [], {}
+    for i, raw in enumerate(rows):
+        try:
+            t = raw.decode("utf-8") if isinstance(raw, (bytes, np.bytes_)) else str(raw)
+        except UnicodeDecodeError:
+            bad[i] = "error: text is not valid UTF-8"
+            continue
+        if not t.strip():
+            bad[i] = "error: empty text"
+            continue
+        decoded.append((i, t))
+    labels = np.empty((len(rows), 1), dtype=object)
+    scores = np.full((len(rows), 1), np.nan, dtype=np.float32)
+    if decoded:
+        # Sorted by length and run in micro-batches: a merged batch padded to its longest text wastes
+        # compute on a CPU (see ServeConfig.micro_batch); each micro-batch is padded to its own longest.
+        decoded.sort(key=lambda x: len(x[1]))
+        step = micro_batch or len(decoded)
+        for start in range(0, len(decoded), step):
+            chunk = decoded[start:start + step]
+            for (i, _), r in zip(chunk, classifier([t for _, t in chunk])):
+                labels[i, 0], scores[i, 0] = r["label"].encode(), r["score"]
+    for i, msg in bad.items():
+        labels[i, 0] = msg.encode()
+    return labels, scores
+
+
+def make_infer_func(classifier, micro_batch: int = 0):
+    """The function Triton calls with the requests of one merged batch (a list of requests)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytriton.exceptions import PyTritonBadParameterError
+
+    # Every forward from one thread: PyTriton calls `infer` from changing threads, and each new
+    # calling thread can give PyTorch's OpenMP a new thread team. Measured on 2 shared cores: the
+    # naive (torch) server swung between ~3 and ~70 requests/s before and after this change alike
+    # (docs/serve.md: cause not found); the ONNX servers were not slower with it.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+
+    def infer(requests):
+        sizes = [len(r["text"]) for r in requests]
+        texts = np.concatenate([r["text"] for r in requests], axis=0)
+        t0 = time.perf_counter()
+        labels, scores = worker.submit(classify_batch, classifier, texts, micro_batch).result()
+        LOG.debug("batch of %d requests, %d texts in %.1f ms", len(requests), len(texts), 1000 * (time.perf_counter() - t0))
+        if np.isnan(scores).all():
+            # nothing valid in the whole merged batch: an error for all of its requests (a 400)
+            raise PyTritonBadParameterError(labels[0, 0].decode())
+        out, start = [], 0
+        for n in sizes:
+            out.append({"label": labels[start:start + n], "score": scores[start:start + n]})
+            start += n
+        return out
+
+    return infer
+
+
+class Server:
+    """A started Triton server with the classifier bound; `stop()` ends it and its processes."""
+
+    def __init__(self, cfg):
+        from theseus_deploy.config import ServeConfig  # noqa: F401 (documentation: cfg is a ServeConfig)
+
+        if cfg.host not in LOOPBACK and not cfg.allow_remote:
+            raise UsageError(f"--host {cfg.host}: this server listens on loopback only (127.0.0.1) unless --allow-remote")
+        self.cfg = cfg
+        self.workdir = Path(tempfile.mkdtemp(prefix="theseus-serve-"))
+        self.triton = None
+        self.gateway = None
+
+    def start(self) -> "Server":
+        cfg = self.cfg
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self):
+        from theseus_deploy.export.runtime import TextClassifier
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        folder = resolve_model(cfg.model, cfg.backend, self.workdir, cfg.max_batch_size, cfg.max_length)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.instances)
+        classifiers = [TextClassifier.load(folder, backend=cfg.backend, device=cfg.device, max_length=cfg.max_length,
+                                           threads=threads) for _ in range(cfg.instances)]
+        self.labels = sorted(set(classifiers[0].id2label.values()))
+        self.load_seconds = time.perf_counter() - t0
+        python_libdir_env()
+        env = stub_env()
+        if env is not None:
+            import pytriton.server.triton_server as ts
+
+            ts.get_triton_python_backend_python_env = lambda: env
+        from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
+        from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+        # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal loopback port.
+        triton_http = _free_port(cfg.host) if cfg.http_gateway else cfg.http_port
+        config = TritonConfig(http_address=cfg.host, http_port=triton_http, grpc_address=cfg.host,
+                              grpc_port=cfg.grpc_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
+                              exit_timeout_secs=cfg.exit_timeout_secs, log_verbose=0)
+        preferred = sorted({b for b in (cfg.max_batch_size // 4, cfg.max_batch_size // 2, cfg.max_batch_size) if b >= 1})
+        queue = QueuePolicy(timeout_action=TimeoutAction.REJECT, max_queue_size=cfg.max_queue_size,
+                            default_timeout_microseconds=int(cfg.queue_timeout_ms * 1000), allow_timeout_override=True)
+        batching = cfg.max_batch_size > 1 and cfg.max_queue_delay_ms >= 0
+        model_config = ModelConfig(
+            max_batch_size=cfg.max_batch_size, batching=True,
+            batcher=DynamicBatcher(max_queue_delay_microseconds=int(cfg.max_queue_delay_ms * 1000),
+                                   preferred_batch_size=preferred if batching else None,
+                                   default_queue_policy=queue))
+        # PyTriton protects statistics with a random token by default; the batch statistics (read-only
+        # counts) stay open, the endpoints that change the server (repository, shared memory, trace, logging) do not.
+        security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+        self.triton = Triton(config=config, workspace=self.workdir / "workspace", security_config=security)
+        self.triton.bind(model_name=MODEL_NAME, infer_func=[make_infer_func(c, cfg.micro_batch) for c in classifiers],
+                         inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
+                         outputs=[Tensor(name="label", dtype=bytes, shape=(1,)),
+                                  Tensor(name="score", dtype=np.float32, shape=(1,))],
+                         config=model_config, strict=True)
+        self.triton.run()
+        if cfg.http_gateway:
+            from .gateway import Gateway
+
+            self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
+            self.gateway.start()
+        self.ready_seconds = time.perf_counter() - t0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.http_port}"
+
+    def wait(self):
+        """Serve until SIGINT/SIGTERM or until the server dies, then stop."""
+        def _interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            while self.triton.is_alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            LOG.info("signal received, stopping")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.stop()
+
+    def stop(self):
+        """Stop Triton, then wait for every process it started (the server, the Python-backend stubs and
+        their multiprocessing helpers, which outlived the stub by a few seconds when measured) and kill
+        those still alive after --exit-timeout-secs + 10 s: nothing is left behind."""
+        import psutil
+
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        if self.triton is not None:
+            try:
+                children = psutil.Process().children(recursive=True)
+            except psutil.Error:
+                children = []
+            try:
+                self.triton.stop()
+            finally:
+                self.triton = None
+                _, alive = psutil.wait_procs(children, timeout=self.cfg.exit_timeout_secs + 10)
+                for proc in alive:
+                    LOG.warning("killing leftover process %d (%s)", proc.pid, proc.name())
+                    try:
+                        proc.kill()
+                    except psutil.Error:
+                        pass
+                psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_serve(cfg) -> None:
+    import click
+
+    logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if not cfg.verbose:
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+    server = Server(cfg)
+    with _signals_as_interrupt():
+        server.start()
+    click.echo(f"serving {cfg.model} ({cfg.backend}, max batch {cfg.max_batch_size}, queue delay {cfg.max_queue_delay_ms} ms, "
+               f"{cfg.instances} instance(s)) as model '{MODEL_NAME}' [{', '.join(server.labels)}]; "
+               f"ready in {server.ready_seconds:.1f} s", err=True)
+    click.echo(f"  HTTP {server.url}/v2/models/{MODEL_NAME}/infer  gRPC {cfg.host}:{cfg.grpc_port}  "
+               f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  (Ctrl+C or SIGTERM to stop)", err=True)
+    server.wait()
+
+
+class _signals_as_interrupt:
+    """While starting: SIGTERM behaves like Ctrl+C, so a stop during start-up still cleans up."""
+
+    def __enter__(self):
+        def _interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        self.previous = signal.signal(signal.SIGTERM, _interrupt)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+        return False
