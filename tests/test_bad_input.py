@@ -222,7 +222,7 @@ def test_compress_resume_onto_a_non_empty_output_keeps_it(env, tmp_path):
     args = dict(zip([a.lstrip("-").replace("-", "_") for a in _toy(env)[::2]], _toy(env)[1::2]))
     part = CompressRecipe(CompressConfig(model=str(env["models"]["base"]), output=str(out), max_steps=4, eval_steps=2,
                                          batch_size=8, max_seq_length=16, **args))
-    part.interrupt_at = 2
+    part.cfg.stop_after_steps = 2
     part.setup().train()
     out.mkdir()
     (out / "mine.txt").write_text("user data")

@@ -84,7 +84,7 @@ def test_all_predecessor_batches_train_nothing_but_advance(predecessor, toy, tmp
     # (a run must reach the successor-only phase: 7 steps, stopped as if killed after the 6th)
     r = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", scheduler="constant", replacing_rate=0.0,
                             steps_to_full=6, max_steps=7, eval_steps=7))
-    r.interrupt_at = 6
+    r.cfg.stop_after_steps = 6
     r.setup()
     before = [p.clone() for p in r.theseus.successor_parameters()]
     r.train()
@@ -97,7 +97,7 @@ def test_all_predecessor_batches_train_nothing_but_advance(predecessor, toy, tmp
 def test_resume_equals_uninterrupted(predecessor, toy, tmp_path):
     full = CompressRecipe(_cfg(predecessor, toy, tmp_path / "a")).setup().train()
     part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b"))
-    part.interrupt_at = 3
+    part.cfg.stop_after_steps = 3
     part.setup().train()
     assert (tmp_path / "b.partial" / "checkpoint.pt").is_file() and not (tmp_path / "b").exists()
     resumed = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", resume=True)).setup()
@@ -194,9 +194,22 @@ def test_failed_run_creates_no_parent_folders(predecessor, toy, tmp_path):
     assert r.exit_code == 2 and not (tmp_path / "new").exists()
 
 
+def test_cli_stop_after_steps_then_resume(predecessor, toy, tmp_path):
+    """--stop-after-steps: a checkpoint and no output; --resume then finishes the run."""
+    out = tmp_path / "o"
+    args = ["compress", "--model", str(predecessor), *toy, "--output", str(out), "--max-steps", "6", "--eval-steps", "3"]
+    r = CliRunner().invoke(cli, [*args, "--stop-after-steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "paused after step 2" in r.output and not out.exists()
+    assert (tmp_path / "o.partial" / "checkpoint.pt").is_file()
+    r = CliRunner().invoke(cli, [*args, "--resume"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "run_config.json").read_text())["max_steps"] == 6 and not (tmp_path / "o.partial").exists()
+
+
 def test_resume_refuses_a_different_run(predecessor, toy, tmp_path):
     part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o"))
-    part.interrupt_at = 2
+    part.cfg.stop_after_steps = 2
     part.setup().train()
     from theseus_deploy.errors import UsageError
 
@@ -284,7 +297,7 @@ def test_resume_with_unfreeze_head_equals_uninterrupted(predecessor, toy, tmp_pa
     full.train()
     assert full.head_unfrozen and any(not torch.equal(a, b) for a, b in zip(head0, full.theseus.head_parameters()))
     part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", **kw))
-    part.interrupt_at = interrupt
+    part.cfg.stop_after_steps = interrupt
     part.setup().train()
     resumed = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
     assert resumed.step == interrupt
@@ -296,7 +309,7 @@ def test_resume_with_unfreeze_head_equals_uninterrupted(predecessor, toy, tmp_pa
 
 def test_head_frozen_until_successor_only_phase(predecessor, toy, tmp_path):
     r = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", unfreeze_head=True, steps_to_full=3, max_steps=5))
-    r.interrupt_at = 3
+    r.cfg.stop_after_steps = 3
     r.setup()
     head = [p.detach().clone() for p in r.theseus.head_parameters()]
     r.train()  # steps 0-2: p < 1, head at LR 0 and without gradients
@@ -416,13 +429,13 @@ def test_best_weights_agree_with_the_checkpoint_after_resume(predecessor_top, to
     monkeypatch.setattr(T, "compute_metrics", lambda *a, **k: dict.fromkeys(("f1", "accuracy", "score"), next(calls) / 1000))
     kw = dict(eval_steps=1, save_steps=10, max_steps=16, steps_to_full=6)
     a = CompressRecipe(_cfg(predecessor_top, toy, tmp_path / "o", **kw))
-    a.interrupt_at = 3
+    a.cfg.stop_after_steps = 3
     a.setup().train()
     best3 = (a.best_step, a.best_score, {k: v.clone() for k, v in a.best_state.items()})
     ckpt = tmp_path / "o.partial" / "checkpoint.pt"
     saved = ckpt.read_bytes()
     b = CompressRecipe(_cfg(predecessor_top, toy, tmp_path / "o", resume=True, **kw))
-    b.interrupt_at = 9
+    b.cfg.stop_after_steps = 9
     b.setup().train()
     assert b.best_step > best3[0], "the scenario needs an improvement after the step-3 checkpoint"
     ckpt.write_bytes(saved)  # as if killed at step 9, before the step-10 checkpoint: the last one is step 3's
@@ -448,7 +461,7 @@ def test_nan_loss_stops_with_one_line_and_writes_no_nan(predecessor, toy, tmp_pa
 # ====================================================================== issue 10: checkpoints
 def _partial_run(predecessor, toy, out, step=2):
     part = CompressRecipe(_cfg(predecessor, toy, out))
-    part.interrupt_at = step
+    part.cfg.stop_after_steps = step
     part.setup().train()
     return out.with_name(out.name + ".partial") / "checkpoint.pt"
 

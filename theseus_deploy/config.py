@@ -152,6 +152,9 @@ class CompressConfig(TrainConfig):
                          resume=True, ge=1)
     max_epochs: int = opt(20, "Cap on the epochs chosen by the default budget.", resume=True, ge=1)
     resume: bool = opt(False, "Continue from the last checkpoint in <output>.partial/ with the same schedule.")
+    stop_after_steps: int | None = opt(None, "Stop after this step with a resumable checkpoint in <output>.partial/ "
+                                             "and no output yet; continue with --resume (training in time slices, "
+                                             "e.g. on preemptible machines).", ge=1)
 
 
 @dataclass

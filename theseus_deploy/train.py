@@ -77,7 +77,7 @@ class Recipe:
     def __init__(self, cfg):
         self.cfg = cfg
         self.resuming = bool(getattr(cfg, "resume", False))  # only configs with a --resume flag resume
-        self.interrupt_at: int | None = None  # tests: stop as if killed after this step
+        self.paused = False  # stopped by --stop-after-steps: checkpoint written, no output yet
 
     # ================================================================== setup
     def setup(self):
@@ -267,8 +267,10 @@ class Recipe:
                 stop = self.evaluate_and_track()
             if self.step % self.save_steps == 0 and not last:
                 self.save_checkpoint()
-            if self.interrupt_at is not None and self.step >= self.interrupt_at:
+            stop_at = getattr(self.cfg, "stop_after_steps", None)
+            if stop_at is not None and self.step >= stop_at:
                 self.save_checkpoint()
+                self.paused = True
                 break
             if stop:
                 break
@@ -569,7 +571,9 @@ def run_finetune(cfg: C.FinetuneConfig):
 @locks_output("cfg.output")
 def run_compress(cfg: C.CompressConfig):
     r = CompressRecipe(cfg).setup().train()
-    if r.interrupt_at is None:
+    if r.paused:
+        print(f"[compress] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
+    else:
         r.save()
         s = r.summary()
         _print_table([(f"predecessor ({s['predecessor_layers']} layers)", s["predecessor_dev"]),
