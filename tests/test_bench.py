@@ -221,7 +221,7 @@ def test_traffic_warms_every_distinct_shape_before_timing(pair, monkeypatch):
             pass
 
     entries = [Entry(f"m{i}", "predecessor" if i == 0 else "successor", "torch", Recorder(), None) for i in range(2)]
-    texts = [("word " * (1 + (i * 7) % 23), None) for i in range(40)]
+    texts = [("movie " * (1 + (i * 7) % 23), None) for i in range(40)]  # one token in either tokenizer
     res = T.run_traffic(entries, load_tokenizer(str(pair[0])), texts, batch_size=8, max_length=32, rounds=3)
     for e in entries:
         warm, timed = e.runner.warm, e.runner.timed
