@@ -6,7 +6,7 @@ dynamic batcher merges concurrent requests; the merged batch is tokenized once (
 longest text of the batch, truncation at --max-length) and run by the runner of `--backend`.
 
 Measured facts this module is built on (nvidia-pytriton 0.7.0, Triton 2.51.0, Python 3.11):
-- HTTP, gRPC and metrics bind to 0.0.0.0 unless told otherwise: all three get --host.
+- HTTP, gRPC and metrics bind to every interface (Triton's default) unless told otherwise: all three get --host.
 - Without a workspace PyTriton writes under ~/.cache: each server gets its own temporary one.
 - On a Python built outside the system (pyenv) the Python-backend stub loads the system
   libpython unless that Python's LIBDIR leads LD_LIBRARY_PATH, and the model fails to start
