@@ -70,6 +70,13 @@ def test_nothing_within_budget_names_the_closest_point():
     assert "\n" not in msg and "L2 onnx-int8" in msg and "50% over budget" in msg and "1.00 ms" in msg
 
 
+def test_closest_tie_goes_to_the_faster_point():
+    # same depth, same score just over the drop limit, both within the budget
+    pts = [P(6, "torch", 0.90, 12.0), P(3, "torch-bf16", 0.8897, 7.5), P(3, "onnx-int8", 0.8897, 4.9)]
+    d = decide(pts, 0.010, 0.01)
+    assert d.choice is None and pts[d.closest].name == "L3 onnx-int8"
+
+
 @pytest.mark.parametrize("text,seconds", [("5ms", 0.005), ("0.005s", 0.005), ("500us", 0.0005), ("5 ms", 0.005),
                                           ("2.5e-3s", 0.0025), ("500µs", 0.0005)])
 def test_latency_budget_parsing(text, seconds):

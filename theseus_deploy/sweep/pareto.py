@@ -12,7 +12,7 @@ points and a new budget re-decides from a finished sweep without loading a model
 - when nothing meets both limits, the *closest* point is the one with the smallest sum of relative
   excesses: latency over budget (as a fraction of the budget) plus drop over the limit (as a
   fraction of the limit, floor 1 point), i.e. "10% too slow" weighs like "0.1 points too lossy"
-  at a 1-point limit.
+  at a 1-point limit; ties go to the better score, then the lower latency.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def decide(points: list[Point], budget: float | None, max_drop: float) -> Decisi
     if ok:
         choice = min(ok, key=lambda i: (-points[i].score, points[i].latency, points[i].layers, i))
         return Decision(front, choice, None, budget, max_drop)
-    closest = min(range(len(points)), key=lambda i: (excess(points[i], budget, max_drop), -points[i].score, i))
+    closest = min(range(len(points)),
+                  key=lambda i: (excess(points[i], budget, max_drop), -points[i].score, points[i].latency, i))
     return Decision(front, None, closest, budget, max_drop)
 
 
