@@ -144,3 +144,21 @@ def test_cli_export_triton_and_bad_format(tiny_bert, tmp_path, capsys):
     assert e.value.code == 0
     validate_repository(tmp_path / "repo")
     assert not (tmp_path / "repo" / "text_classifier_gpu").exists()
+
+
+def test_repository_never_replaces_its_source_model(tiny_bert, tmp_path):
+    """--output equal to (or a parent of) the model folder is refused even with --overwrite."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from theseus_deploy.cli import cli
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_bert, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, tmp_path):
+        r = CliRunner().invoke(cli, ["export", "--model", str(model), "--format", "triton", "--output", str(out),
+                                     "--overwrite"])
+        assert r.exit_code == 2 and r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in model.iterdir()) == before

@@ -126,7 +126,7 @@ def run_loadtest(cfg) -> dict:
     levels = parse_ints(cfg.concurrency, "--concurrency")
     if max(levels) > 512:
         raise UsageError(f"--concurrency: at most 512 clients, got {max(levels)}")
-    check_output_dir(cfg.output, cfg.overwrite)
+    check_output_dir(cfg.output, cfg.overwrite, protected=[cfg.data_dir])
     texts = load_texts(cfg.task, cfg.data_dir, cfg.max_eval_samples)
     for (h, p), name in zip(targets, names):  # every server answers before anything is timed
         r = run_level(h, p, cfg.model_name, texts, 1, 1, cfg.timeout, cfg.timeout)
@@ -151,7 +151,7 @@ def run_loadtest(cfg) -> dict:
     results = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items()},
                "environment": environment(), "num_texts": len(texts), "runs": runs,
                "summary": summarize(runs, names, levels), "wall_seconds": time.time() - t_start}
-    with atomic_output_dir(cfg.output, cfg.overwrite) as tmp:
+    with atomic_output_dir(cfg.output, cfg.overwrite, protected=[cfg.data_dir]) as tmp:
         write_json(tmp / "results.json", results)
         (tmp / "report.md").write_text(markdown(results))
         plot(results, tmp / "latency_vs_throughput.png")

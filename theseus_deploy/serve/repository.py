@@ -123,10 +123,11 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
         raise UsageError(f"{model} is not a model folder or an export folder (no config.json)")
     if max_length < 8:
         raise UsageError(f"--triton-max-length must be at least 8, got {max_length}")
-    check_output_dir(output, overwrite)
+    protected = [model, export_kwargs.get("data_dir"), export_kwargs.get("calibration_file")]
+    check_output_dir(output, overwrite, protected=protected)  # never the source model, even with --overwrite
     import tritonclient.grpc.model_config_pb2  # noqa: F401  (fail before any work if tritonclient is missing)
 
-    with atomic_output_dir(output, overwrite) as tmp:
+    with atomic_output_dir(output, overwrite, protected=protected) as tmp:
         if (src / "manifest.json").is_file():
             export_dir = src
         else:

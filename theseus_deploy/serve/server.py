@@ -163,8 +163,7 @@ class Server:
     """A started Triton server with the classifier bound; `stop()` ends it and its processes."""
 
     def __init__(self, cfg):
-        from theseus_deploy.config import ServeConfig  # noqa: F401 (documentation: cfg is a ServeConfig)
-
+        """`cfg`: a theseus_deploy.config.ServeConfig."""
         if cfg.host not in LOOPBACK and not cfg.allow_remote:
             raise UsageError(f"--host {cfg.host}: this server listens on loopback only (127.0.0.1) unless --allow-remote")
         self.cfg = cfg
@@ -173,7 +172,6 @@ class Server:
         self.gateway = None
 
     def start(self) -> "Server":
-        cfg = self.cfg
         try:
             self._start()
         except BaseException:
