@@ -122,13 +122,24 @@ def test_full_profile_uses_compress_default_budget_and_parallel_order(results, t
     assert "constant" in out[0] and "constant" not in out[1]
 
 
-def test_ablation_winner_prefers_fewer_flags_within_a_tie(results):
+def test_ablation_winner_prefers_the_default_within_a_tie(results):
+    d = results.DEFAULT_VARIANT
     rows = [{"variant": v, "score": s, "predecessor": 0.9}
-            for v, s in (("default", 0.850), ("default", 0.860), ("unfreeze-head", 0.8558), ("unfreeze-head", 0.8650),
+            for v, s in ((d, 0.850), (d, 0.860), ("unfreeze-head", 0.8558), ("unfreeze-head", 0.8650),
                          ("short-replacement", 0.80), ("short-replacement", 0.81))]
     assert results.ablation_winner(rows) == "unfreeze-head"  # +0.3 point mean: more than the tie margin
     rows[2]["score"], rows[3]["score"] = 0.8505, 0.8600  # now within 0.1 point of retention of the default
-    assert results.ablation_winner(rows) == "default"
+    assert results.ablation_winner(rows) == d
+
+
+def test_every_variant_states_both_knobs(results):
+    """A variant names the head and the replacement length itself, so its rows keep their meaning
+    when compress's defaults change (they did: docs/results.md's ablation)."""
+    for v, f in results.VARIANTS.items():
+        flags = list(map(str, f(400)))
+        assert ("--unfreeze-head" in flags) != ("--no-unfreeze-head" in flags), v
+        assert "--steps-to-full" in flags, v
+    assert results.variant_flags_doc("long-replacement") == "--no-unfreeze-head --steps-to-full 3S/4"
 
 
 def test_precision_reaches_every_run_and_the_grid_reuses_the_ablation(results, tmp_path, monkeypatch):
@@ -141,8 +152,8 @@ def test_precision_reaches_every_run_and_the_grid_reuses_the_ablation(results, t
     monkeypatch.setattr(results, "sh", fake_sh(calls, scores))
     monkeypatch.setattr(results, "PRECISION", "bf16")
     root = tmp_path / "runs"
-    a = results.run_ablation(["rte"], [42], ["default", "unfreeze-head"], "minilm", root, 3, None, profile="cpu")
-    assert {r["variant"] for r in a["rows"]} == {"default", "unfreeze-head"}
+    a = results.run_ablation(["rte"], [42], ["frozen-half", "unfreeze-head"], "minilm", root, 3, None, profile="cpu")
+    assert {r["variant"] for r in a["rows"]} == {"frozen-half", "unfreeze-head"}
     n = len(calls)
     results.run_tasks([("rte", 42)], "minilm", root, 3, None, predecessor_seed=42, profile="cpu",
                       theseus_flags=results.VARIANTS["unfreeze-head"], variant="unfreeze-head")

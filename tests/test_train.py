@@ -68,15 +68,19 @@ def _cfg(predecessor, toy, out, **kw):
     return CompressConfig(**args, **base)
 
 
-def test_frozen_parameters_bit_identical(predecessor, toy, tmp_path):
-    r = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o")).setup()
+@pytest.mark.parametrize("unfreeze_head", [False, True])  # the paper's frozen head; compress's default
+def test_frozen_parameters_bit_identical(predecessor, toy, tmp_path, unfreeze_head):
+    r = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", unfreeze_head=unfreeze_head)).setup()
+    head = {k for k, p in r.theseus.model.state_dict(keep_vars=True).items()
+            if any(p is h for h in r.theseus.head_parameters())}
+    assert head  # pooler and classifier
     before = {k: v.clone() for k, v in r.theseus.model.state_dict().items()}
     r.train()
     after = r.theseus.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all(".successor." in k for k in changed)
-    frozen = [k for k in before if ".successor." not in k]
-    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    learns = {k for k in before if ".successor." in k} | (head if unfreeze_head else set())
+    assert changed and changed <= learns and (head <= changed) == unfreeze_head
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in learns)  # embeddings, predecessor
 
 
 def test_all_predecessor_batches_train_nothing_but_advance(predecessor, toy, tmp_path):
@@ -275,7 +279,8 @@ def test_compress_learns_and_loads(predecessor_top, toy, tmp_path):
     ps = [rec["p"] for rec in log if "loss" in rec]
     assert ps[0] < 1.0 and ps[-1] == 1.0 and ps == sorted(ps)  # curriculum reaches 1
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["steps_to_full"] == 60 and cfg["blocks"] == [[0, 1], [2, 3]]
+    assert cfg["steps_to_full"] == 30 and cfg["blocks"] == [[0, 1], [2, 3]]  # default: p = 1 at a quarter
+    assert cfg["unfreeze_head"] is True
     loaded = AutoModelForSequenceClassification.from_pretrained(out)
     assert loaded.config.num_hidden_layers == 2
     ev = run(["evaluate", "--model", str(out), *toy, "--json", "--max-seq-length", "16"])
@@ -342,7 +347,7 @@ def test_trainable_set_is_decided_before_wrapping(predecessor, toy, tmp_path, mo
     r.train()
     assert {n for n, p in r.theseus.named_parameters() if p.requires_grad} == seen["model"]
     # without --unfreeze-head the head is never trainable
-    r2 = CompressRecipe(_cfg(predecessor, toy, tmp_path / "p", steps_to_full=2, max_steps=4)).setup()
+    r2 = CompressRecipe(_cfg(predecessor, toy, tmp_path / "p", unfreeze_head=False, steps_to_full=2, max_steps=4)).setup()
     assert seen["model"] == succ_names
 
 

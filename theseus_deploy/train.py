@@ -465,7 +465,7 @@ class CompressRecipe(Recipe):
         cfg = self.cfg
         steps_to_full = cfg.steps_to_full
         if steps_to_full is None and cfg.k is None:
-            steps_to_full = max(1, self.total_steps // 2)  # p reaches 1 half-way; the successor then trains alone
+            steps_to_full = max(1, self.total_steps // 4)  # p = 1 at a quarter (docs/results.md, ablation); then the successor alone
         self.scheduler = make_scheduler(cfg.scheduler, cfg.replacing_rate, steps_to_full, cfg.k)
         if not self.scheduler.successor_only(self.total_steps - 1):
             raise UsageError(f"the replacement schedule reaches p = 1 only at step {self.scheduler.steps_to_full}, "
