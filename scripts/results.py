@@ -130,7 +130,8 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs])."""
     seq, pred_budget, steps, bs = budget(task, profile, data_dir)
     out = root / task / f"seed{seed}"
-    out.mkdir(parents=True, exist_ok=True)
+    if not DRY_RUN:  # a dry run writes nothing
+        out.mkdir(parents=True, exist_ok=True)
     # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
     # spread is over compression runs); by default each seed fine-tunes its own predecessor.
     pred_seed = seed if predecessor_seed is None else predecessor_seed
@@ -148,7 +149,8 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     pred_common = flags(pred_seed)
     pred_job = None
     if not (pred / "metrics.json").is_file():
-        pred_out.mkdir(parents=True, exist_ok=True)
+        if not DRY_RUN:
+            pred_out.mkdir(parents=True, exist_ok=True)
         pred_job = ([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
     lr = SUCCESSOR_LR if profile == "full" else None
     theseus_flags = list(theseus_flags(steps) if callable(theseus_flags) else theseus_flags)
@@ -165,10 +167,14 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     if not constant:
         runs.pop("constant")
     done = root / "ablation" / task / f"{variant}-seed{seed}"
-    if variant and (done / "metrics.json").is_file() and not (out / "theseus").exists():
+    reuse = bool(variant) and (done / "metrics.json").is_file() and not (out / "theseus").exists()
+    if reuse and DRY_RUN:
+        print("+ ln -s", done, out / "theseus", flush=True)
+    elif reuse:
         (out / "theseus").symlink_to(os.path.relpath(done, out))  # the same command, already run
     jobs = [(name, [*TD, *args, *common, "--output", out / name], out / f"{name}.log")
-            for name, args in runs.items() if not (out / name / "metrics.json").is_file()]
+            for name, args in runs.items()
+            if not (out / name / "metrics.json").is_file() and not (reuse and name == "theseus")]
     meta = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
             "budget": {"profile": profile, "max_seq_length": seq, "predecessor": " ".join(map(str, pred_budget)),
                        "compress_steps": steps, "batch_size": bs, "mixed_precision": PRECISION},
@@ -218,7 +224,7 @@ def run_tasks(pairs, model, root, successor_layers, data_dir, predecessor_seed=N
             preds[str(pred_job[0][-1])] = (pred_job, (meta["task"], meta["predecessor_seed"]))
     _parallel([(("predecessor", *job), timings.setdefault(key, {})) for job, key in preds.values()], n_jobs)
     if predecessors_only or DRY_RUN:
-        if DRY_RUN:
+        if DRY_RUN and not predecessors_only:
             for _, jobs, _ in plans:
                 for _, args, log in jobs:
                     sh(args, log)
@@ -267,7 +273,8 @@ def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir
                 metas.append({"task": task, "variant": v, "seed": seed, "out": out,
                               "command": " ".join(map(str, ["theseus-deploy", *args[3:]]))})
                 if not (out / "metrics.json").is_file():
-                    out.parent.mkdir(parents=True, exist_ok=True)
+                    if not DRY_RUN:
+                        out.parent.mkdir(parents=True, exist_ok=True)
                     jobs.append((f"{task}/{v}/{seed}", args, out.parent / f"{v}-seed{seed}.log"))
     _parallel([(j, {}) for j in jobs], n_jobs)
     if DRY_RUN:
@@ -503,8 +510,10 @@ def main():
         flags, winner = (), None
         if a.from_ablation:
             f = root / "ablation" / "summary.json"
-            winner = json.loads(f.read_text())["winner"] if f.is_file() else "default"
-            print(f"Theseus flags from the ablation: {winner}" + ("" if f.is_file() else f" ({f} missing)"), flush=True)
+            # no ablation in ROOT (skipped, or a dry run): the default variant, which is compress's defaults
+            winner = json.loads(f.read_text())["winner"] if f.is_file() else DEFAULT_VARIANT
+            print(f"Theseus flags from the ablation: {winner}"
+                  + ("" if f.is_file() else f" ({f} missing: compress's defaults)"), flush=True)
             flags = VARIANTS[winner]
         const = None if a.constant_seeds is None else {int(x) for x in a.constant_seeds.split(",")}
         run_tasks([(t, s) for s in seeds for t in tasks], a.model, root, a.successor_layers, a.data_dir,

@@ -165,3 +165,22 @@ def test_precision_reaches_every_run_and_the_grid_reuses_the_ablation(results, t
         assert c[c.index("--mixed-precision") + 1] == "bf16"
     summary = json.loads((root / "rte" / "seed42" / "summary.json").read_text())
     assert summary["budget"]["mixed_precision"] == "bf16"
+
+
+def test_grid_from_ablation_without_an_ablation_uses_the_default_variant(tmp_path):
+    """`run --from-ablation` where ROOT has no ablation (skipped, as for MPNet on a GPU budget, or a
+    dry run of scripts/results_full.sh) runs Theseus with the default variant, i.e. compress's
+    defaults; it raised KeyError('default') after the variants were renamed."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--dry-run", "--root", str(tmp_path / "runs"),
+                        "--doc", str(tmp_path / "doc.md"), "--model", str(model), "run", "--from-ablation", "--tasks", "rte"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "missing: compress's defaults" in r.stdout
+    theseus = [ln for ln in r.stdout.splitlines() if ln.endswith("/theseus")]
+    assert len(theseus) == 1 and "--unfreeze-head --steps-to-full" in theseus[0]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()  # a dry run writes nothing
