@@ -51,7 +51,7 @@ PREDECESSOR_LR, SUCCESSOR_LR = "5e-5", "1e-4"
 METHODS = ("theseus", "constant", "truncation")
 # Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
 BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
-              "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "5", "--min-seconds", "0.5"]
+              "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "9", "--min-seconds", "0.5"]
 # The ablation (`results.py ablation`): what closes the gap to truncation. Each variant is the
 # extra compress flags, given the run's step count S; both knobs are explicit in every variant, so a
 # variant means the same run whatever compress's defaults are. `unfreeze-short` won the ablation in
@@ -319,7 +319,8 @@ def bench_lines(root: Path) -> list[str]:
     env = r["environment"]
     layers = [m["config"].get("num_hidden_layers") for m in r["models"]]
     lines = ["", f"## Speed: {layers[1]}-layer successor vs {layers[0]}-layer predecessor (`python scripts/results.py bench`)", "",
-             f"{env.get('cpu')}, {env.get('torch_threads')} threads; random-id inputs at the shapes below; median of "
+             f"{env.get('cpu')} ({', '.join(env.get('cpu_flags') or ['no AVX512/AMX flags'])}), {env.get('torch_threads')} threads, "
+             f"torch {env.get('versions', {}).get('torch')}, onnxruntime {env.get('versions', {}).get('onnxruntime')}; random-id inputs at the shapes below; median of "
              f"{r['config']['rounds']} interleaved paired ratios [min-max]. Speed depends on shapes, not on the task's "
              f"weights (models: `{r['models'][0]['source']}` vs `{r['models'][1]['source']}`).", "",
              "| backend | batch | seq | successor vs predecessor, same backend | ideal (FLOPs) | successor vs predecessor PyTorch fp32 |",

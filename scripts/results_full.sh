@@ -30,7 +30,11 @@ if [ -n "$ABLATION_TASKS" ]; then
 fi
 # seed 42 of every task first (one complete table early), then the other seeds of the small tasks
 el "grid seed 42";  "${R[@]}" run --from-ablation --tasks "$TASKS" --seeds 42 --predecessor-seed 42 --jobs "$JOBS"
+# the constant rate gets the same seeds: the targets compare medians of 3 seeds
 if [ -n "$SEED_TASKS" ]; then
-  el "grid 43,44";  "${R[@]}" run --from-ablation --tasks "$SEED_TASKS" --seeds 43,44 --predecessor-seed 42 --constant-seeds 42 --jobs "$JOBS"
+  el "grid 43,44";  "${R[@]}" run --from-ablation --tasks "$SEED_TASKS" --seeds 43,44 --predecessor-seed 42 --jobs "$JOBS"
 fi
+# speed of the successor vs its predecessor (shapes, not weights, set it: one task's pair serves all);
+# on 2 CPU cores it wants a quiet machine, so it runs last
+el "bench";         "${R[@]}" bench --tasks "${BENCH_TASK:-mrpc}"
 el "done: $DOC"

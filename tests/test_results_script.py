@@ -184,3 +184,20 @@ def test_grid_from_ablation_without_an_ablation_uses_the_default_variant(tmp_pat
     theseus = [ln for ln in r.stdout.splitlines() if ln.endswith("/theseus")]
     assert len(theseus) == 1 and "--unfreeze-head --steps-to-full" in theseus[0]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()  # a dry run writes nothing
+
+
+def test_speed_section_names_the_cpu_flags_and_versions(results, tmp_path):
+    """Every speed figure carries the CPU flags it was measured with (CPUs differ between machines:
+    AMX on some, AVX512-BF16/VNNI without AMX on others)."""
+    env = {"cpu": "AMD EPYC", "torch_threads": 2, "cpu_flags": ["avx512f", "avx512_bf16"],
+           "versions": {"torch": "2.13.0+cpu", "onnxruntime": "1.32.0"}}
+    ratio = {"median": 1.9, "min": 1.8, "max": 2.0}
+    r = {"environment": env, "config": {"rounds": 9},
+         "models": [{"config": {"num_hidden_layers": 6}, "source": "p"}, {"config": {"num_hidden_layers": 3}, "source": "s"}],
+         "speedups": [{"backend": "onnx", "batch_size": 8, "seq_len": 128, "ideal_speedup": 2.0,
+                       "vs_predecessor_same_backend": ratio}]}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "results.json").write_text(json.dumps(r))
+    text = "\n".join(results.bench_lines(tmp_path))
+    assert "AMD EPYC (avx512f, avx512_bf16), 2 threads, torch 2.13.0+cpu, onnxruntime 1.32.0" in text
+    assert "| onnx | 8 | 128 | 1.90x [1.80-2.00] | 2.00x | - |" in text
