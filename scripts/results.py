@@ -304,7 +304,7 @@ def ablation_winner(rows, tie=0.001):
 
 def run_bench(task, root, seed):
     out = root / task / f"seed{seed}"
-    if not (out / "theseus" / "config.json").is_file():
+    if not DRY_RUN and not (out / "theseus" / "config.json").is_file():
         raise SystemExit(f"error: no finished runs for {task} seed {seed} in {root}: run them first")
     args = [*TD, "bench", "--model", out / "predecessor", "--model", out / "theseus", *BENCH_ARGS,
             "--output", root / "bench", "--overwrite"]

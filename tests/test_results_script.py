@@ -201,3 +201,31 @@ def test_speed_section_names_the_cpu_flags_and_versions(results, tmp_path):
     text = "\n".join(results.bench_lines(tmp_path))
     assert "AMD EPYC (avx512f, avx512_bf16), 2 threads, torch 2.13.0+cpu, onnxruntime 1.32.0" in text
     assert "| onnx | 8 | 128 | 1.90x [1.80-2.00] | 2.00x | - |" in text
+
+
+def test_results_full_dry_run_mpnet_command_plans_and_writes_nothing(tmp_path, synthetic_glue):
+    """The MPNet 12 -> 6 command of docs/results.md, as a dry run: two tasks, 6-layer successors, no
+    ablation, no extra seeds, the bench last; exit 0 and nothing written (before, a fresh root made the
+    grid raise KeyError and the bench exit with 'no finished runs')."""
+    import os
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    env = {**os.environ, "DRY_RUN": "1", "PY": sys.executable, "MODEL": str(model), "LAYERS": "6",
+           "TASKS": "sst2,mrpc", "SEED_TASKS": "", "ABLATION_TASKS": "", "PRECISION": "bf16", "JOBS": "1",
+           "ROOT": str(tmp_path / "runs"), "DOC": str(tmp_path / "doc.md"), "DATA_DIR": str(synthetic_glue)}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "results_full.sh")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    stages = [ln.split("] ", 1)[1] for ln in r.stdout.splitlines() if ln.startswith("[")]
+    assert stages == ["predecessors", "grid seed 42", "bench", f"done: {tmp_path / 'doc.md'}"]
+    cmds = [ln for ln in r.stdout.splitlines() if ln.startswith("+ ")]
+    for task in ("sst2", "mrpc"):
+        mine = [c for c in cmds if f"--task {task} " in c]
+        assert any(c.endswith(f"{task}/seed42/theseus") and "--successor-layers 6" in c for c in mine)
+        assert any(c.endswith(f"{task}/seed42/truncation") and "--keep-layers 6" in c for c in mine)
+        assert all("--mixed-precision bf16" in c for c in mine)
+    assert " bench " in cmds[-1] and "mrpc/seed42/theseus" in cmds[-1]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
