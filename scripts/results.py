@@ -81,8 +81,9 @@ def precision_flags():
 
 def sh(args, log):
     print("+", " ".join(map(str, args)), flush=True)
-    if DRY_RUN:
+    if DRY_RUN:  # a dry run writes nothing: run folders come into being with their first log
         return
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         subprocess.run(list(map(str, args)), check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
@@ -130,8 +131,6 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs])."""
     seq, pred_budget, steps, bs = budget(task, profile, data_dir)
     out = root / task / f"seed{seed}"
-    if not DRY_RUN:  # a dry run writes nothing
-        out.mkdir(parents=True, exist_ok=True)
     # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
     # spread is over compression runs); by default each seed fine-tunes its own predecessor.
     pred_seed = seed if predecessor_seed is None else predecessor_seed
@@ -149,8 +148,6 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     pred_common = flags(pred_seed)
     pred_job = None
     if not (pred / "metrics.json").is_file():
-        if not DRY_RUN:
-            pred_out.mkdir(parents=True, exist_ok=True)
         pred_job = ([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
     lr = SUCCESSOR_LR if profile == "full" else None
     theseus_flags = list(theseus_flags(steps) if callable(theseus_flags) else theseus_flags)
@@ -171,6 +168,7 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     if reuse and DRY_RUN:
         print("+ ln -s", done, out / "theseus", flush=True)
     elif reuse:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "theseus").symlink_to(os.path.relpath(done, out))  # the same command, already run
     jobs = [(name, [*TD, *args, *common, "--output", out / name], out / f"{name}.log")
             for name, args in runs.items()
@@ -273,8 +271,6 @@ def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir
                 metas.append({"task": task, "variant": v, "seed": seed, "out": out,
                               "command": " ".join(map(str, ["theseus-deploy", *args[3:]]))})
                 if not (out / "metrics.json").is_file():
-                    if not DRY_RUN:
-                        out.parent.mkdir(parents=True, exist_ok=True)
                     jobs.append((f"{task}/{v}/{seed}", args, out.parent / f"{v}-seed{seed}.log"))
     _parallel([(j, {}) for j in jobs], n_jobs)
     if DRY_RUN:
