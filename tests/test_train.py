@@ -582,3 +582,19 @@ GOLDEN = {"finetune": [0.6922246217727661, 0.6821920871734619, 0.739892721176147
 def test_golden_loss_trajectory(kind, tmp_path, toy):
     losses = golden_losses(kind, tmp_path, toy, max_grad_norm=0.1)
     assert losses == pytest.approx(GOLDEN[kind], abs=3e-6, rel=0)
+
+
+def test_finetune_stop_after_steps_then_resume_is_bit_identical(tmp_path, toy):
+    """finetune is time-sliced like compress (MPNet-base predecessors take CPU-hours): the resumed
+    run's weights equal an uninterrupted run's, with dropout on."""
+    base = make_tiny_model(tmp_path / "base", "bert", 2)
+    args = ["finetune", "--model", str(base), *toy, "--lr", "1e-3", "--max-steps", "6", "--eval-steps", "3",
+            "--batch-size", "16", "--max-seq-length", "16"]
+    assert run([*args, "--output", str(tmp_path / "full")]).exit_code == 0
+    r = run([*args, "--output", str(tmp_path / "cut"), "--stop-after-steps", "4"])
+    assert r.exit_code == 0 and "paused after step 4" in r.output and not (tmp_path / "cut").exists()
+    r = run([*args, "--output", str(tmp_path / "cut"), "--resume"])
+    assert r.exit_code == 0, r.output
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "full").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "cut").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -116,6 +116,10 @@ class TrainConfig(DataConfig):
     mixed_precision: str = opt("no", "Mixed precision via accelerate.", choices=["no", "fp16", "bf16"], resume=True)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
     log_steps: int = opt(10, "Log training loss every N steps.", ge=1)
+    resume: bool = opt(False, "Continue from the last checkpoint in <output>.partial/ with the same schedule.")
+    stop_after_steps: int | None = opt(None, "Stop after this step with a resumable checkpoint in <output>.partial/ "
+                                             "and no output yet; continue with --resume (training in time slices, "
+                                             "e.g. on preemptible machines).", ge=1)
 
 
 @dataclass
@@ -157,10 +161,6 @@ class CompressConfig(TrainConfig):
     min_steps: int = opt(1500, "Default budget: at least this many steps (epochs grow on small data, up to --max-epochs).",
                          resume=True, ge=1)
     max_epochs: int = opt(20, "Cap on the epochs chosen by the default budget.", resume=True, ge=1)
-    resume: bool = opt(False, "Continue from the last checkpoint in <output>.partial/ with the same schedule.")
-    stop_after_steps: int | None = opt(None, "Stop after this step with a resumable checkpoint in <output>.partial/ "
-                                             "and no output yet; continue with --resume (training in time slices, "
-                                             "e.g. on preemptible machines).", ge=1)
 
 
 @dataclass

@@ -563,7 +563,11 @@ def _inputs(cfg) -> list:
 
 @locks_output("cfg.output")  # held for the whole run, O.partial/ included
 def run_finetune(cfg: C.FinetuneConfig):
-    r = FinetuneRecipe(cfg).setup().train().save()
+    r = FinetuneRecipe(cfg).setup().train()
+    if r.paused:
+        print(f"[finetune] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
+        return r
+    r.save()
     _print_table([(f"finetuned ({r.hf_config.num_hidden_layers} layers)", r.best_metrics)], r.spec.metrics)
     return r
 
