@@ -9,8 +9,8 @@ OUT=${OUT:-runs/smoke}
 BASELINE=${BASELINE:-theseus_deploy/bench/baselines/ci-smoke.json}
 TOL=${TOL:-0.2}
 mkdir -p "$OUT"
-"$PY" -m theseus_deploy.tiny "$OUT/pred" --layers 4 --hidden 64 >/dev/null
-"$PY" -m theseus_deploy.tiny "$OUT/succ" --layers 2 --hidden 64 --seed 1 >/dev/null
+"$PY" tests/tiny.py "$OUT/pred" --layers 4 --hidden 64 >/dev/null
+"$PY" tests/tiny.py "$OUT/succ" --layers 2 --hidden 64 --seed 1 >/dev/null
 ARGS=(bench --model "$OUT/pred" --model "$OUT/succ" --backend torch --backend onnx --batch-sizes 1,8 --seq-lens 64
       --threads 1 --warmup 5 --iterations 40 --rounds 8 --min-seconds 0.4 --output "$OUT/bench" --overwrite)
 if [ "${1:-}" = "--update" ]; then

@@ -60,7 +60,7 @@ def build(model: str, layers: int, work: Path, calib_n: int, seq: int, variants)
 def session(path: Path, cfg: str, threads: int | None, profile_dir: Path | None = None):
     import onnxruntime as ort
 
-    from theseus_deploy.export.runtime import ort_session_options
+    from theseus_deploy.runtime import ort_session_options
 
     opts = ort_session_options(cfg, threads)
     if profile_dir is not None:

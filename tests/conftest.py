@@ -12,7 +12,7 @@ BERT_TOKENIZER = SHARED / "models" / "bert-base-uncased"
 GLUE_DIR = SHARED / "data" / "glue"
 
 
-from theseus_deploy.tiny import make_tiny_model, tiny_config  # noqa: E402,F401
+from tiny import make_tiny_model, tiny_config  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -393,7 +393,7 @@ def _edit_manifest(src: Path, dst: Path, **changes) -> Path:
 
 
 def test_manifest_file_outside_the_folder_is_refused(exported, tmp_path):
-    from theseus_deploy.export.runtime import TextClassifier, load_runner
+    from theseus_deploy.runtime import TextClassifier, load_runner
 
     (tmp_path / "outside").mkdir()
     shutil.copy(exported / "model.onnx", tmp_path / "outside" / "model.onnx")
@@ -409,7 +409,7 @@ def test_manifest_file_outside_the_folder_is_refused(exported, tmp_path):
 
 
 def test_manifest_hash_is_verified(exported, tmp_path):
-    from theseus_deploy.export.runtime import TextClassifier, load_runner
+    from theseus_deploy.runtime import TextClassifier, load_runner
 
     folder = _edit_manifest(exported, tmp_path / "e", sha256="0" * 64)
     with pytest.raises(UsageError, match="sha256 does not match"):
@@ -421,7 +421,7 @@ def test_manifest_hash_is_verified(exported, tmp_path):
 
 
 def test_trt_ep_cache_stays_in_the_export_folder(exported, tmp_path):
-    from theseus_deploy.export.runtime import _trt_ep_options
+    from theseus_deploy.runtime.ort import _trt_ep_options
 
     opts = _trt_ep_options(exported / "model.onnx", exported)
     assert Path(opts["trt_engine_cache_path"]) == exported.resolve() / "trt-ep-cache"

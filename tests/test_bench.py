@@ -140,7 +140,7 @@ def test_cli_end_to_end_reports_and_gate(pair, tmp_path):
 
 
 def test_random_init_from_config_folder(tmp_path):
-    from theseus_deploy.tiny import tiny_config, tiny_tokenizer
+    from tiny import tiny_config, tiny_tokenizer
 
     cfg = tmp_path / "cfg"
     tiny_config("bert", 4).save_pretrained(cfg)  # a config and a tokenizer, no weights

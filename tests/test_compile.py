@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_model
 from theseus_deploy.cli import cli
 from theseus_deploy.errors import UsageError
-from theseus_deploy.export.runtime import CompiledRunner, TextClassifier, TorchRunner, _random_ids, load_runner
+from theseus_deploy.runtime import CompiledRunner, TextClassifier, TorchRunner, random_inputs, load_runner
 from theseus_deploy.hf import load_classifier
 
 
@@ -22,7 +22,7 @@ def tiny3(tmp_path_factory):
 
 
 def _feeds(runner, b, s, seed):
-    return runner.encode(_random_ids(b, s, runner.vocab_size, runner.input_names, seed=seed, padded=True))
+    return runner.encode(random_inputs(b, s, runner.vocab_size, runner.input_names, seed=seed, padded=True))
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
@@ -63,7 +63,7 @@ def _two_buckets(tiny3, counters):
     for b, s, seed in ((3, 20, 1), (2, 17, 2), (1, 40, 3)):  # buckets 4x32, 2x32 (new, on first use), 1x64 ...
         if (b, s) == (1, 40):
             break  # a third bucket would add ~10 s; two show the point
-        raw = _random_ids(b, s, eager.vocab_size, eager.input_names, seed=seed, padded=True)
+        raw = random_inputs(b, s, eager.vocab_size, eager.input_names, seed=seed, padded=True)
         got, want = runner.logits(runner.encode(raw)), eager.logits(eager.encode(raw))
         assert got.shape == want.shape == (b, 2) and np.abs(got - want).max() < 1e-4
     assert runner.compiled_buckets == [(4, 32), (2, 32)]
@@ -77,7 +77,7 @@ def test_bad_input_is_one_line(tiny_bert, tmp_path, monkeypatch):
     assert runner.compiled_buckets == []
     with pytest.raises(UsageError, match="needs --device cuda"):
         load_runner(str(tiny_bert), "torch-compile-fp16", "cpu")
-    monkeypatch.setattr("theseus_deploy.export.runtime.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("theseus_deploy.runtime.pytorch.cpu_has_bf16", lambda: False)
     with pytest.raises(UsageError, match="AVX512-BF16 or AMX"):
         load_runner(str(tiny_bert), "torch-compile-bf16", "cpu")
     out = tmp_path / "b"
@@ -139,7 +139,7 @@ def test_cuda_graph_buckets_match_eager_on_gpu(tiny3):
         kept = []
         shapes = ((3, 20, 1), (4, 32, 2), (1, 40, 3)) if backend.endswith("fp16") else ((3, 20, 1),)
         for b, s, seed in shapes:  # fp16's last: bucket 1x64, compiled on first use
-            raw = _random_ids(b, s, eager.vocab_size, eager.input_names, seed=seed, padded=True)
+            raw = random_inputs(b, s, eager.vocab_size, eager.input_names, seed=seed, padded=True)
             got, want = runner.logits(runner.encode(raw)), eager.logits(eager.encode(raw))
             assert got.shape == want.shape == (b, 2) and np.abs(got - want).max() < tol, (backend, b, s)
             kept.append((got, want))

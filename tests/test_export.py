@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from theseus_deploy.export.api import export_model
-from theseus_deploy.export.runtime import TextClassifier, load_runner
+from theseus_deploy.runtime import TextClassifier, load_runner
 from theseus_deploy.export.trt import Profile
 from theseus_deploy.export.validate import ShapeMismatch, ValuesMismatch, validate
 from theseus_deploy.cli import cli
@@ -185,9 +185,9 @@ def test_task_level_check(tiny_bert, tmp_path, glue_dir):
 
 
 def test_validation_inputs_are_padded_like_real_batches():
-    from theseus_deploy.export.runtime import _random_ids
+    from theseus_deploy.runtime import random_inputs
 
-    raw = _random_ids(8, 32, 1000, ["input_ids", "attention_mask"], seed=3, padded=True)
+    raw = random_inputs(8, 32, 1000, ["input_ids", "attention_mask"], seed=3, padded=True)
     lengths = raw["attention_mask"].sum(1)
     assert lengths[0] == 32 and lengths.min() < 32  # row 0 full, others right-padded
     assert ((raw["input_ids"] == 0) == (raw["attention_mask"] == 0)).all()

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from theseus_deploy.cli import cli
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
-from theseus_deploy.export.runtime import TextClassifier, load_runner
+from theseus_deploy.runtime import TextClassifier, load_runner
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_listens_on_loopback_only(server):
 
 
 def test_text_in_label_out_like_text_classifier(server, export_dir):
-    from theseus_deploy.export.runtime import TextClassifier
+    from theseus_deploy.runtime import TextClassifier
 
     clf = TextClassifier.load(str(export_dir), backend="onnx-int8", max_length=64)
     for text in TEXTS:
@@ -149,7 +149,7 @@ def test_text_in_label_out_like_text_classifier(server, export_dir):
 def test_grpc_and_health(server, export_dir):
     import tritonclient.grpc as grpcclient
 
-    from theseus_deploy.export.runtime import TextClassifier
+    from theseus_deploy.runtime import TextClassifier
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['ports']['grpc']}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)

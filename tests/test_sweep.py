@@ -190,7 +190,7 @@ def test_killed_sweep_resumes_and_redecides_without_retraining(setup, tmp_path):
 
 
 def test_outputs_and_best_loads_with_text_classifier(setup, tmp_path):
-    from theseus_deploy.export.runtime import TextClassifier
+    from theseus_deploy.runtime import TextClassifier
 
     out = tmp_path / "s"
     r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s", "--max-task-drop", "1"),

@@ -553,7 +553,7 @@ def golden_losses(kind, tmp_path, toy, **kw):
     from theseus_deploy.config import FinetuneConfig
     from theseus_deploy.train import FinetuneRecipe
 
-    from theseus_deploy.tiny import builtin_tokenizer
+    from tiny import builtin_tokenizer
 
     base = make_tiny_model(tmp_path / "base", "bert", 4, seed=0)
     for name in ("tokenizer.json", "vocab.txt"):  # the built-in vocabulary: the same ids with or without ../shared

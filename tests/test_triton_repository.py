@@ -12,12 +12,12 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
-from theseus_deploy.serve.repository import RepositoryError, validate_repository  # noqa: E402
+from theseus_deploy.export.triton import RepositoryError, validate_repository  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def repo(tiny_bert, tmp_path_factory):
-    from theseus_deploy.serve.repository import export_repository
+    from theseus_deploy.export.triton import export_repository
 
     out = tmp_path_factory.mktemp("triton") / "repo"
     export_repository(str(tiny_bert), str(out), ["triton", "onnx-int8", "onnx-fp16"], max_batch_size=16, max_length=32,
@@ -107,7 +107,7 @@ def _load_step(path):
 
 
 def test_python_steps_match_text_classifier(repo, tiny_bert):
-    from theseus_deploy.export.runtime import TextClassifier
+    from theseus_deploy.runtime import TextClassifier
     from theseus_deploy.hf import load_tokenizer
 
     texts = ["a gripping film", "dull and far too long " * 20]

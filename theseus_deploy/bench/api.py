@@ -59,7 +59,7 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
 
 
 def check_backends(backends, device: str):
-    from theseus_deploy.export.runtime import check_device
+    from theseus_deploy.runtime import check_device
 
     for b in backends:
         if b not in BACKENDS:
@@ -72,17 +72,17 @@ def check_backends(backends, device: str):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
     if any(b.startswith("torch-compile") for b in backends):
-        from theseus_deploy.export.runtime import CompiledRunner
+        from theseus_deploy.runtime import CompiledRunner
 
         for b in backends:
             if b.startswith("torch-compile"):
                 CompiledRunner.precheck(b, device)
     if "trt" in backends:
-        from theseus_deploy.export.trt import check_trt_available
+        from theseus_deploy.runtime import check_trt_available
 
         check_trt_available()
     if device == "cuda":  # say it now, not after every model was exported
-        from theseus_deploy.export.runtime import check_ort_provider
+        from theseus_deploy.runtime import check_ort_provider
 
         for b in backends:
             if (BACKENDS[b].format or "").startswith("onnx"):
@@ -131,7 +131,7 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     from tqdm.auto import tqdm
 
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.export.runtime import load_runner, torch_runner
+    from theseus_deploy.runtime import load_runner, torch_runner
 
     from . import gate as G
     from .env import environment

@@ -24,7 +24,9 @@ from pathlib import Path
 from theseus_deploy.errors import UsageError
 from theseus_deploy.io import locks_output, sha256_file as _sha256
 
+from theseus_deploy.artifact import write_manifest
 from theseus_deploy.registry import FORMATS
+from theseus_deploy.runtime import CompiledRunner, OrtRunner, TorchRunner, TrtRunner, torch_runner
 
 FILES = {name: f.file for name, f in FORMATS.items() if f.file}
 
@@ -74,7 +76,7 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         if f not in FORMATS:
             raise UsageError(f"unknown format '{f}': choose from {', '.join(FORMATS)}")
     if "triton" in formats:
-        raise UsageError("--format triton is written by theseus_deploy.serve.repository.export_repository "
+        raise UsageError("--format triton is written by theseus_deploy.export.triton.export_repository "
                          "(`theseus-deploy export --format triton`), not by export_model")
     if opset < 17:
         raise UsageError(f"--opset must be 17 or higher (fused attention needs it), got {opset}")
@@ -89,8 +91,6 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         check_trt_available()
     for f in formats:
         if f.startswith("torch-compile"):
-            from .runtime import CompiledRunner
-
             CompiledRunner.precheck(f, "cpu")  # a C++ compiler for Inductor; bf16 CPU features
     calibration = None
     if "onnx-int8-static" in formats:  # calibration texts: checked before anything is written
@@ -116,7 +116,6 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
 
     from .onnx import check_fusion, export_onnx, fuse, plain_fp16
     from .ort import quantize_int8
-    from .runtime import OrtRunner, TorchRunner, torch_runner
     from .validate import check_task_drop, shapes_for, task_metric
     from .validate import validate as check
 
@@ -166,8 +165,6 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
             if fmt.startswith("torch-"):
                 runner = torch_runner(load_classifier(model_dir), fmt, "cpu", threads)
             elif fmt == "trt":
-                from .trt import TrtRunner
-
                 runner = TrtRunner(tmp / FILES[fmt], vocab_size=config.vocab_size)
             else:
                 runner = OrtRunner(tmp / FILES[fmt], fmt, "cpu", threads, config.vocab_size)
@@ -199,5 +196,5 @@ def export_model(model_dir: str, formats, output: str, opset: int = 17, max_batc
         else:
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_json(tmp / "manifest.json", manifest)
+        manifest = write_manifest(tmp, manifest)
     return manifest

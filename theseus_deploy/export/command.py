@@ -21,8 +21,8 @@ def export(**kwargs):
     args = dataclasses.asdict(cfg)
     model, formats, output = args.pop("model"), args.pop("formats"), args.pop("output")
     triton = {k[len("triton_"):]: args.pop(k) for k in list(args) if k.startswith("triton_")}
-    if "triton" in formats:  # a model repository of the other formats (theseus_deploy.serve.repository)
-        from theseus_deploy.serve.repository import export_repository
+    if "triton" in formats:  # a model repository of the other formats (theseus_deploy.export.triton)
+        from theseus_deploy.export.triton import export_repository
 
         max_batch_size = args.pop("max_batch_size")
         try:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from theseus_deploy.registry import FORMATS
-
-from .runtime import _random_ids
+from theseus_deploy.runtime import random_inputs
 
 # Absolute tolerance on logits per format: `Format.atol` in theseus_deploy/registry.py (None:
 # scale-relative below). What matters for INT8/bf16 is the task-level check (`--task`): the dev
@@ -72,7 +71,7 @@ def validate(reference, candidate, fmt: str, shapes, atol: float | None = None) 
     results = []
     for i, (b, s) in enumerate(shapes):
         # Rows 1.. of a batch are right-padded to random lengths: the attention mask must work too.
-        raw = _random_ids(b, s, candidate.vocab_size, candidate.input_names, seed=100 + i, padded=b > 1)
+        raw = random_inputs(b, s, candidate.vocab_size, candidate.input_names, seed=100 + i, padded=b > 1)
         ref = reference.logits(reference.encode(raw))
         got = candidate.logits(candidate.encode(raw))
         if got.shape != ref.shape:

@@ -180,7 +180,7 @@ class Server:
         return self
 
     def _start(self):
-        from theseus_deploy.export.runtime import TextClassifier
+        from theseus_deploy.runtime import TextClassifier
 
         cfg = self.cfg
         t0 = time.perf_counter()

@@ -230,7 +230,7 @@ def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
             path = out / f"L{d}" / "eval.json"
 
             def do_eval(d=d, path=path):
-                from theseus_deploy.export.runtime import load_runner
+                from theseus_deploy.runtime import load_runner
 
                 runner = load_runner(str(model_dir(d)), "torch", cfg.device, cfg.threads)
                 write_json(path, {"layers": d, "backend": "torch", "model": str(model_dir(d)),
@@ -290,7 +290,7 @@ def _environment(threads):
 def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: dict, max_pos: int, score) -> dict:
     """Export (when the backend runs an artifact), validate against PyTorch, score on dev."""
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.export.runtime import load_runner
+    from theseus_deploy.runtime import load_runner
     from theseus_deploy.export.validate import ValidationError
 
     fmt = export_format(backend) or (backend if backend in FORMATS else None)
@@ -319,7 +319,7 @@ def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: di
 
 def _time_points(cfg, timed, info, pred_layers, mode, dev, model_dir) -> dict:
     from theseus_deploy.bench.sweep import Entry
-    from theseus_deploy.export.runtime import load_runner
+    from theseus_deploy.runtime import load_runner
     from theseus_deploy.hf import load_config, load_tokenizer
 
     from .latency import measure

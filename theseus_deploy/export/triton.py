@@ -24,11 +24,14 @@ import json
 import shutil
 from pathlib import Path
 
+from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.errors import UsageError
+
+from .api import export_model
 
 NAME = "text_classifier"
 ONNX_DTYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 10: "TYPE_FP16", 9: "TYPE_BOOL"}
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "serve"  # triton_models/: the Python-backend steps live with serve
 # export format -> (model suffix, platform, file in the version folder, device kind)
 CLASSIFIERS = {"onnx-int8": ("onnx", "onnxruntime_onnx", "model.onnx", "KIND_CPU"),
                "onnx": ("onnx", "onnxruntime_onnx", "model.onnx", "KIND_CPU"),
@@ -128,16 +131,15 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
     import tritonclient.grpc.model_config_pb2  # noqa: F401  (fail before any work if tritonclient is missing)
 
     with atomic_output_dir(output, overwrite, protected=protected) as tmp:
-        if (src / "manifest.json").is_file():
+        if is_export_folder(src):
             export_dir = src
         else:
-            from theseus_deploy.export.api import export_model
-
             export_dir = tmp / ".export"
             export_model(str(src), formats or ["onnx-int8"], str(export_dir), max_batch_size=max_batch_size,
                          **export_kwargs)
-        manifest = json.loads((export_dir / "manifest.json").read_text())
-        have = {a["format"]: a for a in manifest["artifacts"] if a.get("file") and (export_dir / a["file"]).is_file()}
+        folder = ExportFolder.read(export_dir)
+        manifest = folder.manifest
+        have = {a.format: a for a in folder.artifacts if a.file}
         wanted = formats or list(have)
         artifacts = [f for f in CLASSIFIERS if f in wanted and f in have]
         if "onnx-int8" in artifacts and "onnx" in artifacts:
@@ -159,7 +161,7 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
             (tmp / name / "config.pbtxt").write_text(to_pbtxt(cfg))
         for fmt in artifacts:
             suffix, _, file, _ = CLASSIFIERS[fmt]
-            shutil.copy(export_dir / have[fmt]["file"], tmp / f"{NAME}_{suffix}" / "1" / file)
+            shutil.copy(folder.resolve(fmt), tmp / f"{NAME}_{suffix}" / "1" / file)  # listed, confined, hashed
         tok_dir = tmp / f"{NAME}_tokenizer" / "1"
         tokenizer = load_tokenizer(str(export_dir))
         if (export_dir / "tokenizer.json").is_file():

@@ -1,6 +1,9 @@
-"""Tiny random classifiers (for tests, smoke benchmarks and trying the CLI without weights).
+"""Tiny random classifiers: the test fixture (also for the smoke bench and trying the CLI without weights).
 
-    python -m theseus_deploy.tiny OUT [--arch bert|roberta|mpnet] [--layers 4] [--hidden 32]
+    python tests/tiny.py OUT [--arch bert|roberta|mpnet] [--layers 4] [--hidden 32]
+
+The real bert-base-uncased tokenizer is taken from $THESEUS_TINY_TOKENIZER, else from
+$THESEUS_SHARED/models/bert-base-uncased (default: the workspace's ../shared beside the clone).
 """
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-SHARED = Path(os.environ.get("THESEUS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = Path(os.environ.get("THESEUS_SHARED", Path(__file__).resolve().parents[2] / "shared"))  # tests/ -> clone -> workspace
 TOKENIZER = os.environ.get("THESEUS_TINY_TOKENIZER", str(SHARED / "models" / "bert-base-uncased"))
 
 # Where the real BERT tokenizer is not at hand (a clone outside the workspace, no hub), tiny models

@@ -1,0 +1,60 @@
+"""`load_runner`: the runner of a backend over a model folder (PyTorch) or an export folder.
+
+From an export folder the artifact is the one `manifest.json` lists for the backend's format,
+resolved by theseus_deploy.artifact (inside the folder, sha256 checked); nothing else is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from theseus_deploy.artifact import ExportFolder, is_export_folder
+from theseus_deploy.errors import UsageError
+from theseus_deploy.hf import load_classifier, load_config
+from theseus_deploy.registry import BACKENDS
+
+from .base import Runner, check_device
+from .ort import OrtRunner
+from .pytorch import CompiledRunner, TorchRunner
+from .trt import TrtRunner
+
+
+def torch_runner(model, backend: str, device: str = "cpu", threads: int | None = None,
+                 seq_bucket: int = 32) -> TorchRunner:
+    """The runner of a PyTorch backend (eager or compiled) over a loaded model."""
+    if backend in CompiledRunner.DTYPES:
+        return CompiledRunner(model, backend, device, threads, seq_bucket)
+    return TorchRunner(model, backend, device, threads)
+
+
+def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
+                artifact: str | None = None, verify_hash: bool = True, seq_bucket: int = 32,
+                session_config: str = "default") -> Runner:
+    """A runner for `backend` over a model folder (torch*) or an exported artifact (onnx*, trt).
+
+    From an export folder, the artifact is the file manifest.json lists, only inside that folder,
+    and its sha256 must match the manifest's (`verify_hash=False` skips the check). `artifact`: an
+    explicit file instead (the caller's own choice; no manifest is read).
+    `seq_bucket`: torch-compile* pad sequences to a multiple of it (batches to a power of two).
+    `session_config`: ONNX Runtime session options (`ort_session_options`: default or latency)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+    check_device(backend, device)
+    fmt = BACKENDS[backend].format
+    if fmt is None:
+        if backend in CompiledRunner.DTYPES:  # say it before loading the weights
+            CompiledRunner.precheck(backend, device)
+        return torch_runner(load_classifier(model), backend, device, threads, seq_bucket)
+    if artifact:
+        path = Path(artifact)
+        if not path.is_file():
+            raise UsageError(f"no {backend} artifact for {model}: {artifact} does not exist")
+    elif is_export_folder(model):
+        path = ExportFolder.read(model).resolve(fmt, verify_hash)
+    else:
+        raise UsageError(f"no {backend} artifact for {model} (not an export folder: no manifest.json): "
+                         f"run `theseus-deploy export --format {fmt}` first")
+    if backend == "trt":
+        return TrtRunner(path, device=device)
+    vocab = getattr(load_config(model), "vocab_size", 30522) if (Path(model) / "config.json").is_file() else 30522
+    return OrtRunner(path, backend, device, threads, vocab, folder=None if artifact else Path(model),
+                     session_config=session_config)
