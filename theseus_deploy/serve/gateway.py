@@ -16,14 +16,54 @@ import json
 import threading
 
 INFER_SUFFIX = "/infer"
+# Content-Encoding is not forwarded: the body forwarded is the decompressed one. The binary-data
+# header (Inference-Header-Content-Length) goes both ways, so do Accept-Encoding / Content-Encoding.
+FORWARDED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "accept", "accept-encoding",
+                             "triton-access-token")
+FORWARDED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length", "content-encoding")
 
 
-def check_infer_body(body: bytes, input_name: str, max_batch_size: int) -> str | None:
-    """None if the request is well formed, else the message of a 400."""
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def split_bytes_tensor(raw: bytes) -> list[bytes] | None:
+    """The elements of a BYTES tensor in the binary tensor data extension: each a 4-byte
+    little-endian unsigned length followed by that many bytes. None if `raw` is not exactly that."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            return None
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        pos += 4
+        if pos + n > len(raw):
+            return None
+        out.append(raw[pos:pos + n])
+        pos += n
+    return out
+
+
+def check_infer_body(body: bytes, input_name: str, max_batch_size: int, header_length: str | None = None) -> str | None:
+    """None if the request is well formed, else the message of a 400.
+
+    Two encodings of KServe v2 (triton-inference-server/server docs/protocol/extension_binary_data.md):
+    a JSON body, or, with the `Inference-Header-Content-Length` header (what tritonclient.http sends
+    by default), a JSON header of that many bytes followed by the raw tensor data of every input
+    that has a `binary_data_size` parameter, in input order (BYTES: length-prefixed elements)."""
+    binary = b""
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            return f"{HEADER_LENGTH} must be a number of bytes, got {header_length!r}"
+        if not 0 < n <= len(body):
+            return f"{HEADER_LENGTH} {n} does not fit the body ({len(body)} bytes)"
+        body, binary = body[:n], body[n:]
     try:
         req = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        return f"malformed JSON: {e}"
+        hint = (f" (binary tensor data needs the {HEADER_LENGTH} header)"
+                if header_length is None and str(e).startswith("Extra data") else "")
+        return f"malformed JSON: {e}{hint}"
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         return "the body must be a JSON object with a non-empty 'inputs' list (KServe v2)"
     names = [i.get("name") if isinstance(i, dict) else None for i in req["inputs"]]
@@ -32,18 +72,40 @@ def check_infer_body(body: bytes, input_name: str, max_batch_size: int) -> str |
     inp = req["inputs"][0]
     if inp.get("datatype") != "BYTES":
         return f"input '{input_name}' must have datatype BYTES, got {inp.get('datatype')!r}"
-    shape, data = inp.get("shape"), inp.get("data")
-    if not (isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(d, int) and d >= 1 for d in shape)
+    shape = inp.get("shape")
+    if not (isinstance(shape, list) and len(shape) in (1, 2)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
             and (len(shape) == 1 or shape[1] == 1)):
         return f"input '{input_name}' shape must be [n, 1] (n texts), got {shape!r}"
     if shape[0] > max_batch_size:
         return f"{shape[0]} texts in one request, at most {max_batch_size} (--max-batch-size)"
-    flat = data
-    while isinstance(flat, list) and flat and isinstance(flat[0], list):
-        flat = [x for row in flat for x in row]
-    if not isinstance(flat, list) or len(flat) != shape[0]:
-        return f"input '{input_name}' data must hold {shape[0]} strings"
+    params = inp.get("parameters", {})
+    if not isinstance(params, dict):
+        return f"input '{input_name}' parameters must be a JSON object, got {type(params).__name__}"
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+            return (f"input '{input_name}': binary_data_size {size!r}, but {len(binary)} bytes follow the JSON header"
+                    + ("" if header_length is not None else f" (no {HEADER_LENGTH} header)"))
+        if "data" in inp:
+            return f"input '{input_name}' has both 'data' and binary_data_size"
+        flat = split_bytes_tensor(binary)
+        if flat is None or len(flat) != shape[0]:
+            return f"input '{input_name}' binary data must hold {shape[0]} length-prefixed strings (BYTES)"
+    else:
+        if binary:
+            return f"{len(binary)} bytes follow the JSON header, but input '{input_name}' has no binary_data_size"
+        flat = inp.get("data")
+        while isinstance(flat, list) and flat and isinstance(flat[0], list):
+            flat = [x for row in flat for x in row]
+        if not isinstance(flat, list) or len(flat) != shape[0]:
+            return f"input '{input_name}' data must hold {shape[0]} strings"
     for i, t in enumerate(flat):
+        if isinstance(t, bytes):
+            try:
+                t = t.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"text {i} is not valid UTF-8"
         if not isinstance(t, str):
             return f"text {i} is not a string ({type(t).__name__})"
         if not t.strip():
@@ -66,24 +128,26 @@ class Gateway:
     async def _handle(self, request):
         from aiohttp import web
 
-        body = await request.read()
+        body = await request.read()  # aiohttp has undone a Content-Encoding (gzip, deflate) already
         if request.method == "POST" and request.path.rstrip("/") in self.infer_paths:
-            msg = check_infer_body(body, self.input_name, self.max_batch_size)
+            msg = check_infer_body(body, self.input_name, self.max_batch_size, request.headers.get(HEADER_LENGTH))
             if msg is not None:
                 return web.json_response({"error": msg}, status=400)
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "inference-header-content-length",
-                                                                            "accept", "triton-access-token")}
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
         async with self.session.request(request.method, self.upstream + request.path_qs, data=body or None,
                                         headers=headers) as resp:
             payload = await resp.read()
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "inference-header-content-length")}
+            out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
             return web.Response(body=payload, status=resp.status, headers=out_headers)
 
     async def _main(self):
         import aiohttp
         from aiohttp import web
 
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60))
+        # The client's Accept-Encoding goes to Triton as is and a compressed answer comes back untouched:
+        # no Accept-Encoding of aiohttp's own, no decompression here.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
+                                             auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None)

@@ -29,7 +29,13 @@ def check_url(url: str) -> tuple[str, int]:
         raise UsageError(f"URL must look like http://127.0.0.1:8000, got '{url}'")
     if u.hostname not in LOOPBACK:
         raise UsageError(f"loadtest targets loopback only (127.0.0.1, localhost, ::1), got host '{u.hostname}'")
-    return u.hostname, u.port or 80
+    try:
+        port = u.port  # ValueError for a port that is not a number or beyond 65535
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise UsageError(f"URL '{url}': the port must be a number from 1 to 65535")
+    return u.hostname, port or 80
 
 
 def infer_body(text: str) -> bytes:
@@ -96,20 +102,29 @@ def load_texts(task: str, data_dir: str | None, max_samples: int | None) -> list
     return [t[0] for t in data.texts]
 
 
-def server_stats(host: str, port: int, model: str) -> dict | None:
-    """Triton's batch statistics (inference vs execution counts) when the endpoint is open to us."""
+def server_stats(host: str, port: int, model: str, name: str = "") -> dict | None:
+    """Triton's batch statistics (inference vs execution counts); None when the endpoint is not open
+    to us (not 200) or the server is gone. A 200 whose body is not Triton's statistics is a UsageError:
+    that URL is not the Triton server the load test is meant for."""
     try:
         conn = http.client.HTTPConnection(host, port, timeout=5)
         conn.request("GET", f"/v2/models/{model}/stats")
         resp = conn.getresponse()
         data = resp.read()
         conn.close()
-        if resp.status != 200:
-            return None
-        s = json.loads(data)["model_stats"][0]
-        return {"inference_count": int(s.get("inference_count", 0)), "execution_count": int(s.get("execution_count", 0))}
-    except (OSError, ValueError, KeyError, IndexError):
+    except (OSError, http.client.HTTPException):
         return None
+    if resp.status != 200:
+        return None
+    try:
+        s = json.loads(data)["model_stats"][0]
+        counts = {k: s[k] for k in ("inference_count", "execution_count")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+            raise ValueError
+        return counts
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise UsageError(f"server {name or f'{host}:{port}'}: /v2/models/{model}/stats answered 200 but not with Triton's "
+                         f"statistics (model_stats[0] with inference_count and execution_count): {data[:120]!r}") from None
 
 
 def run_loadtest(cfg) -> dict:
@@ -132,6 +147,7 @@ def run_loadtest(cfg) -> dict:
         r = run_level(h, p, cfg.model_name, texts, 1, 1, cfg.timeout, cfg.timeout)
         if r["errors"]:
             raise UsageError(f"server {name} ({h}:{p}) did not answer an inference: {r['error_samples'][0]}")
+        server_stats(h, p, cfg.model_name, name)  # a stats reply of the wrong shape: refused before anything is timed
     runs = []
     t_start = time.time()
     for rnd in range(cfg.rounds):
@@ -139,9 +155,9 @@ def run_loadtest(cfg) -> dict:
             for (h, p), name in zip(targets, names):
                 if cfg.warmup:
                     run_level(h, p, cfg.model_name, texts, c, cfg.warmup, cfg.seconds, cfg.timeout)
-                before = server_stats(h, p, cfg.model_name)
+                before = server_stats(h, p, cfg.model_name, name)
                 r = run_level(h, p, cfg.model_name, texts, c, cfg.requests, cfg.seconds, cfg.timeout)
-                after = server_stats(h, p, cfg.model_name)
+                after = server_stats(h, p, cfg.model_name, name)
                 if before and after and after["execution_count"] > before["execution_count"]:
                     r["mean_batch"] = ((after["inference_count"] - before["inference_count"])
                                        / (after["execution_count"] - before["execution_count"]))

@@ -52,6 +52,27 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Each port distinct and free on `host`, before anything starts. Measured without this check: a
+    --grpc-port in use made Triton exit at start while PyTriton waited for it (120 s), a busy
+    --http-port gave the gateway's OSError traceback after Triton had started."""
+    import socket
+
+    seen = {}
+    for flag, port in ports.items():
+        if port in seen:
+            raise UsageError(f"{seen[port]} and {flag} are both {port}: give each its own port")
+        seen[port] = flag
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for flag, port in ports.items():
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton and aiohttp bind theirs
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise UsageError(f"{flag} {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
 def python_libdir_env() -> None:
     """Put this Python's LIBDIR first on LD_LIBRARY_PATH (the Triton Python-backend stub links libpython)."""
     libdir = sysconfig.get_config_var("LIBDIR")
@@ -170,6 +191,7 @@ class Server:
         self.workdir = Path(tempfile.mkdtemp(prefix="theseus-serve-"))
         self.triton = None
         self.gateway = None
+        self.started_processes = []  # psutil.Process of the children Triton.run() started (see stop)
 
     def start(self) -> "Server":
         try:
@@ -182,7 +204,12 @@ class Server:
     def _start(self):
         from theseus_deploy.runtime import TextClassifier
 
+        from .deps import require
+
         cfg = self.cfg
+        require("serve", "pytriton.triton", "pytriton.model_config", "psutil", *(["aiohttp"] if cfg.http_gateway else []))
+        check_ports(cfg.host, {"--http-port": cfg.http_port, "--grpc-port": cfg.grpc_port,
+                               "--metrics-port": cfg.metrics_port})
         t0 = time.perf_counter()
         folder = resolve_model(cfg.model, cfg.backend, self.workdir, cfg.max_batch_size, cfg.max_length)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.instances)
@@ -222,7 +249,17 @@ class Server:
                          outputs=[Tensor(name="label", dtype=bytes, shape=(1,)),
                                   Tensor(name="score", dtype=np.float32, shape=(1,))],
                          config=model_config, strict=True)
-        self.triton.run()
+        before = _child_pids()
+        try:
+            self.triton.run()
+        finally:
+            import psutil
+
+            for pid in _child_pids() - before:
+                try:
+                    self.started_processes.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
         if cfg.http_gateway:
             from .gateway import Gateway
 
@@ -250,24 +287,35 @@ class Server:
             self.stop()
 
     def stop(self):
-        """Stop Triton, then wait for every process it started (the server, the Python-backend stubs and
-        their multiprocessing helpers, which outlived the stub by a few seconds when measured) and kill
-        those still alive after --exit-timeout-secs + 10 s: nothing is left behind."""
-        import psutil
+        """Stop Triton, then wait for every process it started and kill those still alive after
+        --exit-timeout-secs + 10 s: nothing is left behind, and nothing else is touched.
 
+        "Started by this server" = the children of this process that appeared while `Triton.run()`
+        ran (the tritonserver; PyTriton starts no other process here, measured), with all their
+        descendants taken just before the stop (the Python-backend stubs and their multiprocessing
+        helpers, which are re-parented when the server exits and outlived the stub by seconds when
+        measured). A caller's own child processes, started before or after, are left alone (serve is
+        also a library). A child another thread of the caller starts during those seconds of
+        `Triton.run()` would be counted as the server's: PyTriton gives no handle on its process tree."""
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
         if self.triton is not None:
-            try:
-                children = psutil.Process().children(recursive=True)
-            except psutil.Error:
-                children = []
+            import psutil
+
+            procs = []
+            for proc in self.started_processes:
+                try:
+                    if proc.is_running():  # also false if the pid was reused by another process
+                        procs += [proc, *proc.children(recursive=True)]
+                except psutil.Error:
+                    pass
             try:
                 self.triton.stop()
             finally:
                 self.triton = None
-                _, alive = psutil.wait_procs(children, timeout=self.cfg.exit_timeout_secs + 10)
+                self.started_processes = []
+                _, alive = psutil.wait_procs(procs, timeout=self.cfg.exit_timeout_secs + 10)
                 for proc in alive:
                     LOG.warning("killing leftover process %d (%s)", proc.pid, proc.name())
                     try:
@@ -276,6 +324,16 @@ class Server:
                         pass
                 psutil.wait_procs(alive, timeout=5)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _child_pids() -> set[int]:
+    """The pids of this process's direct children."""
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process().children()}
+    except psutil.Error:
+        return set()
 
 
 def run_serve(cfg) -> None:

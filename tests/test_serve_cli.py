@@ -1,0 +1,223 @@
+"""`serve` / `loadtest` / `export --format triton` refusing bad input in real processes, without a
+Triton server: missing optional dependencies, ports, a stats reply of the wrong shape (a fake
+loopback server), and the HTTP gateway's check of the KServe v2 binary tensor data extension."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from conftest import REPO
+from theseus_deploy.serve.gateway import check_infer_body
+
+# Runs `theseus-deploy ARGS...` with the top-level modules of argv[1] (comma-separated) made
+# unimportable, as if not installed: the import raises ModuleNotFoundError naming the module.
+BLOCK_SHIM = """
+import importlib.abc, runpy, sys
+BLOCKED = set(sys.argv[1].split(","))
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Block())
+sys.argv = ["theseus-deploy"] + sys.argv[2:]
+runpy.run_module("theseus_deploy", run_name="__main__")
+"""
+
+
+def run_cli(args, cwd, blocked=(), timeout=120):
+    cmd = [sys.executable, "-c", BLOCK_SHIM, ",".join(blocked) or "-", *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(r, *needles):
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert lines and lines[-1].startswith("error:"), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+    return lines[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ optional dependencies
+def test_missing_serving_dependency_names_the_install_command(tiny_bert, tmp_path):
+    """serve (nvidia-pytriton, tritonclient under it, aiohttp of the gateway) and export --format triton
+    (tritonclient): one `error:` line with `make install` / the serve extra, exit 2, nothing written."""
+    port = str(free_port())
+    cases = {
+        "serve without pytriton": (["pytriton"], ["serve", tiny_bert, "--http-port", port], "nvidia-pytriton"),
+        "serve without tritonclient": (["tritonclient"], ["serve", tiny_bert, "--http-port", port], "tritonclient"),
+        "serve without aiohttp": (["aiohttp"], ["serve", tiny_bert, "--http-port", port], "aiohttp"),
+        "export --format triton without tritonclient": (
+            ["tritonclient"], ["export", "--model", tiny_bert, "--format", "triton", "--output", tmp_path / "repo"],
+            "tritonclient"),
+    }
+    before = sorted(os.listdir(tmp_path))
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = dict(zip(cases, pool.map(lambda c: run_cli(c[1], tmp_path, c[0]), cases.values())))
+    for name, r in results.items():
+        line = assert_one_line_error(r, cases[name][2], "make install", ".[serve]")
+        assert "cannot be imported" in line, (name, line)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+# ------------------------------------------------------------------ ports
+@pytest.mark.parametrize("port", ["0", "abc", "70000", "-1"])
+def test_loadtest_port_out_of_range_or_not_a_number(port, tmp_path, synthetic_glue):
+    r = run_cli(["loadtest", f"http://127.0.0.1:{port}", "--output", tmp_path / "out", "--data-dir", synthetic_glue,
+                 "--requests", "2", "--seconds", "2", "--timeout", "2"], tmp_path)
+    assert_one_line_error(r, "port must be a number from 1 to 65535")
+    assert not (tmp_path / "out").exists()
+
+
+def test_serve_ports_busy_or_shared_are_refused_before_start(tiny_bert, tmp_path):
+    """Measured before: a busy --grpc-port hung the start for 120 s (Triton exited, PyTriton waited);
+    a busy --http-port, or one port given twice, ended in the gateway's OSError traceback."""
+    pytest.importorskip("pytriton")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    b, f1, f2 = busy.getsockname()[1], free_port(), free_port()
+    try:
+        cases = {"http busy": (["--http-port", b, "--grpc-port", f1, "--metrics-port", f2], f"--http-port {b}"),
+                 "grpc busy": (["--http-port", f1, "--grpc-port", b, "--metrics-port", f2], f"--grpc-port {b}"),
+                 "one port twice": (["--http-port", f1, "--grpc-port", f1, "--metrics-port", f2],
+                                    f"--http-port and --grpc-port are both {f1}")}
+        with ThreadPoolExecutor(len(cases)) as pool:
+            results = dict(zip(cases, pool.map(lambda c: run_cli(["serve", tiny_bert, *c[0]], tmp_path, timeout=60),
+                                               cases.values())))
+    finally:
+        busy.close()
+    for name, r in results.items():
+        assert_one_line_error(r, cases[name][1])
+
+
+# ------------------------------------------------------------------ a stats reply of the wrong shape
+class FakeTriton(BaseHTTPRequestHandler):
+    """Answers inferences like `serve` and its statistics with whatever the test sets."""
+
+    protocol_version = "HTTP/1.1"
+    stats = b""
+
+    def _send(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._send(json.dumps({"outputs": [{"name": "label", "datatype": "BYTES", "shape": [1, 1], "data": ["LABEL_1"]},
+                                           {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [0.5]}]}).encode())
+
+    def do_GET(self):
+        self._send(self.server.stats)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_triton():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeTriton)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+GOOD_STATS = {"model_stats": [{"name": "text_classifier", "inference_count": 7, "execution_count": 3}]}
+
+
+@pytest.mark.parametrize("stats", [{"model_stats": [5]}, [1, 2], {"model_stats": []}, {"model_stats": "x"},
+                                   {"model_stats": [{"inference_count": None, "execution_count": 1}]},
+                                   {"model_stats": [{"inference_count": "many", "execution_count": 1}]},
+                                   {"model_stats": [{"inference_count": 3}]}, "not json"])
+def test_loadtest_stats_reply_of_the_wrong_shape(fake_triton, stats, tmp_path, synthetic_glue):
+    fake_triton.stats = stats.encode() if isinstance(stats, str) else json.dumps(stats).encode()
+    r = run_cli(["loadtest", f"http://127.0.0.1:{fake_triton.server_address[1]}", "--output", tmp_path / "out",
+                 "--data-dir", synthetic_glue, "--concurrency", "1", "--requests", "3", "--seconds", "2", "--warmup", "0"],
+                tmp_path)
+    assert_one_line_error(r, "/stats answered 200 but not with Triton's statistics")
+    assert not (tmp_path / "out").exists()
+
+
+def test_loadtest_needs_no_serving_dependency(fake_triton, tmp_path, synthetic_glue):
+    """The good case of the fake server: loadtest runs without nvidia-pytriton and tritonclient."""
+    fake_triton.stats = json.dumps(GOOD_STATS).encode()
+    r = run_cli(["loadtest", f"http://127.0.0.1:{fake_triton.server_address[1]}", "--output", tmp_path / "out",
+                 "--data-dir", synthetic_glue, "--concurrency", "1", "--requests", "3", "--seconds", "2", "--warmup", "0"],
+                tmp_path, blocked=("pytriton", "tritonclient"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["runs"][0]["ok"] == 3 and res["runs"][0]["errors"] == 0
+
+
+# ------------------------------------------------------------------ the gateway's check, binary tensor data
+def binary_request(texts: list[bytes], size_delta=0, outputs=True, extra_input=None):
+    """What tritonclient.http sends for InferInput.set_data_from_numpy(..., binary_data=True)."""
+    raw = b"".join(struct.pack("<I", len(t)) + t for t in texts)
+    inp = {"name": "text", "shape": [len(texts), 1], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw) + size_delta}}
+    if extra_input:
+        inp.update(extra_input)
+    req = {"inputs": [inp]}
+    if outputs:
+        req["outputs"] = [{"name": "label", "parameters": {"binary_data": True}},
+                          {"name": "score", "parameters": {"binary_data": True}}]
+    header = json.dumps(req).encode()
+    return header + raw, str(len(header))
+
+
+def test_binary_tensor_data_is_checked_like_json():
+    ok, n = binary_request([b"a gripping film", "d\u00e9j\u00e0 vu".encode()])
+    assert check_infer_body(ok, "text", 8, n) is None
+    assert check_infer_body(ok, "text", 8, None).startswith("malformed JSON: Extra data")
+    assert "Inference-Header-Content-Length header" in check_infer_body(ok, "text", 8, None)
+    cases = {
+        "not a number": (ok, "abc", "Inference-Header-Content-Length must be a number"),
+        "beyond the body": (ok, str(len(ok) + 1), "does not fit the body"),
+        "zero": (ok, "0", "does not fit the body"),
+        "size too large": (*binary_request([b"x"], size_delta=1), "binary_data_size 6, but 5 bytes"),
+        "empty text": (*binary_request([b"ok", b"  "]), "text 1 is empty"),
+        "not UTF-8": (*binary_request([b"\xff\xfe"]), "text 0 is not valid UTF-8"),
+        "both data and binary": (*binary_request([b"x"], extra_input={"data": ["x"]}), "both 'data' and binary_data_size"),
+        "batch over the limit": (*binary_request([b"x"] * 9), "9 texts in one request, at most 8"),
+        "parameters not an object": (*binary_request([b"x"], extra_input={"parameters": [1]}), "parameters must be a JSON object"),
+    }
+    body, n = binary_request([b"abc"])
+    cases["truncated prefix"] = (body[:-2], n, "binary_data_size 7, but 5 bytes")
+    header = json.loads(body[:int(n)])
+    header["inputs"][0]["parameters"]["binary_data_size"] = 5
+    h = json.dumps(header).encode()
+    cases["bad length prefix"] = (h + body[int(n):-2], str(len(h)), "must hold 1 length-prefixed strings")
+    header["inputs"][0]["shape"] = [2, 1]
+    header["inputs"][0]["parameters"]["binary_data_size"] = 7
+    h = json.dumps(header).encode()
+    cases["fewer texts than the shape"] = (h + body[int(n):], str(len(h)), "must hold 2 length-prefixed strings")
+    json_body = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]}]}).encode()
+    cases["bytes after JSON without binary input"] = (json_body + b"abc", str(len(json_body)), "3 bytes follow the JSON header")
+    for name, (body, n, expected) in cases.items():
+        msg = check_infer_body(body, "text", 8, n)
+        assert msg is not None and expected in msg, (name, msg)
