@@ -35,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port, body: bytes, timeout=30):
+def post(port, body: bytes, timeout=30, headers=None):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers or {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -181,10 +181,29 @@ def test_concurrent_requests_are_batched(server):
     assert max(int(b["batch_size"]) for b in batch_stats) <= 8
 
 
+BINARY = {"Content-Type": "application/octet-stream"}
+
+
 @pytest.mark.parametrize("case", ["wrong tensor name", "wrong datatype", "batch over the limit", "malformed JSON",
-                                  "non-string", "empty text"])
+                                  "non-string", "empty text", "binary: empty text", "binary: size mismatch",
+                                  "binary: not UTF-8", "binary without its header length"])
 def test_bad_request_is_refused_and_server_keeps_serving(server, case):
+    from test_serve_cli import binary_request
+
     port = server["ports"]["http"]
+    binary = {"binary: empty text": binary_request([b"fine", b""]), "binary: size mismatch": binary_request([b"x"], 3),
+              "binary: not UTF-8": binary_request([b"\xc3\x28"]), "binary without its header length": binary_request([b"x"])}
+    if case in binary:
+        body, n = binary[case]
+        status, answer = post(port, body, headers={**BINARY, **({} if "header length" in case else
+                                                                 {"Inference-Header-Content-Length": n})})
+        expected = {"binary: empty text": "text 1 is empty", "binary: size mismatch": "binary_data_size 8, but 5 bytes",
+                    "binary: not UTF-8": "text 0 is not valid UTF-8",
+                    "binary without its header length": "needs the Inference-Header-Content-Length header"}[case]
+        assert status == 400 and expected in answer.get("error", ""), (status, answer)
+        status, ok = post(port, infer_json([TEXTS[0]]))
+        assert status == 200 and outputs(ok)[0][0]
+        return
     body = {"wrong tensor name": infer_json(["x"], name="txt"),
             "wrong datatype": json.dumps({"inputs": [{"name": "text", "datatype": "INT32", "shape": [1, 1], "data": [5]}]}).encode(),
             "batch over the limit": infer_json(["x"] * 9),
@@ -212,6 +231,130 @@ def test_empty_text_in_a_batch_does_not_fail_the_others(server):
     assert labels[1] == b"error: empty text" and np.isnan(scores[1])
     assert not labels[0].startswith(b"error") and 0 < scores[0] <= 1
     client.close()
+
+
+@pytest.fixture(scope="module")
+def classifier(export_dir):
+    from theseus_deploy.export.runtime import TextClassifier
+
+    return TextClassifier.load(str(export_dir), backend="onnx-int8", max_length=64)
+
+
+@pytest.fixture(scope="module")
+def library_server(export_dir):
+    """`serve` used as a library: a Server in this process, without the HTTP gateway (clients reach
+    Triton's own HTTP frontend), beside a child process of the caller's own started before it."""
+    from theseus_deploy.config import ServeConfig
+    from theseus_deploy.serve.server import Server
+
+    own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    saved = os.environ.get("LD_LIBRARY_PATH")  # Server.start puts this Python's LIBDIR first
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    cfg = ServeConfig(model=str(export_dir), http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"],
+                      http_gateway=False, max_batch_size=8, max_queue_delay_ms=20, max_length=64, exit_timeout_secs=2)
+    server = Server(cfg)
+    try:
+        server.start()
+        yield {"server": server, "ports": ports, "own": own}
+    finally:
+        server.stop()
+        own.kill()
+        own.wait(10)
+        if saved is None:
+            os.environ.pop("LD_LIBRARY_PATH", None)
+        else:
+            os.environ["LD_LIBRARY_PATH"] = saved
+
+
+@pytest.fixture(params=["gateway", "no gateway"])
+def ports(request):
+    """The ports of `serve` with its HTTP gateway (a real CLI process) and without it (the library server)."""
+    return request.getfixturevalue({"gateway": "server", "no gateway": "library_server"}[request.param])["ports"]
+
+
+def as_text(x):
+    return x.decode() if isinstance(x, bytes) else x
+
+
+@pytest.mark.parametrize("binary_in", [True, False], ids=["binary in", "JSON in"])
+@pytest.mark.parametrize("binary_out", [None, True, False], ids=["default out", "binary out", "JSON out"])
+def test_tritonclient_http_classifies_unchanged(ports, classifier, binary_in, binary_out):
+    """Triton's own HTTP client, as users call it (set_data_from_numpy: binary_data=True by default,
+    outputs binary by default), with and without compression, with and without the gateway."""
+    import tritonclient.http as httpclient
+
+    texts = TEXTS[:3]
+    # the server runs a merged batch sorted by length (one micro-batch here): the reference is that batch
+    ref = dict(zip(sorted(texts, key=len), classifier(sorted(texts, key=len))))
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{ports['http']}", network_timeout=30)
+    try:
+        assert client.is_server_ready() and client.is_model_ready(MODEL)
+        inp = httpclient.InferInput("text", [len(texts), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object), binary_data=binary_in)
+        outs = None if binary_out is None else [httpclient.InferRequestedOutput(n, binary_data=binary_out)
+                                                for n in ("label", "score")]
+        for compression in (None, "gzip"):
+            res = client.infer(MODEL, [inp], outputs=outs, request_compression_algorithm=compression,
+                               response_compression_algorithm=compression)
+            params = {o["name"]: o.get("parameters") or {} for o in res.get_response()["outputs"]}
+            assert ("binary_data_size" in params["label"]) == (binary_out is not False), params
+            labels, scores = res.as_numpy("label")[:, 0], res.as_numpy("score")[:, 0]
+            for t, label, score in zip(texts, labels, scores):
+                assert as_text(label) == ref[t]["label"]
+                assert abs(float(score) - ref[t]["score"]) < 1e-4
+    finally:
+        client.close()
+
+
+def test_tritonclient_grpc_classifies_unchanged(ports, classifier):
+    import tritonclient.grpc as grpcclient
+
+    texts = TEXTS[:3]
+    ref = dict(zip(sorted(texts, key=len), classifier(sorted(texts, key=len))))
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc']}")
+    try:
+        inp = grpcclient.InferInput("text", [len(texts), 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+        res = client.infer(MODEL, [inp], client_timeout=30)
+        for t, label, score in zip(texts, res.as_numpy("label")[:, 0], res.as_numpy("score")[:, 0]):
+            assert label.decode() == ref[t]["label"] and abs(float(score) - ref[t]["score"]) < 1e-4
+    finally:
+        client.close()
+
+
+def test_tritonclient_bad_text_is_a_400_through_the_gateway(server):
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server['ports']['http']}", network_timeout=30)
+    try:
+        inp = httpclient.InferInput("text", [2, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[TEXTS[0].encode()], [b" "]], dtype=object))
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(MODEL, [inp])
+        assert e.value.status() == "400" and "text 1 is empty" in e.value.message()
+    finally:
+        client.close()
+
+
+def test_library_stop_stops_only_its_own_processes(library_server):
+    """Server.stop ends Triton and what it started; the caller's own children (one started before the
+    server, one after) live on. Before: every child of the calling process was waited for and killed."""
+    server, own = library_server["server"], library_server["own"]
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        mine = {own.pid, later.pid}
+        tritons = [c for c in psutil.Process().children(recursive=True)
+                   if c.pid not in mine and c.cmdline()[:1] and c.cmdline()[0].startswith(str(server.workdir))]
+        assert tritons, "no tritonserver of this server found"
+        theirs = tritons + [d for t in tritons for d in t.children(recursive=True)]
+        server.stop()
+        assert own.poll() is None and later.poll() is None, "Server.stop ended a process of its caller"
+        left = [p.pid for p in theirs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes of the server left: {left}"
+    finally:
+        later.kill()
+        later.wait(10)
 
 
 def test_sigterm_stops_everything(server):
