@@ -235,7 +235,7 @@ def test_empty_text_in_a_batch_does_not_fail_the_others(server):
 
 @pytest.fixture(scope="module")
 def classifier(export_dir):
-    from theseus_deploy.export.runtime import TextClassifier
+    from theseus_deploy.runtime import TextClassifier
 
     return TextClassifier.load(str(export_dir), backend="onnx-int8", max_length=64)
 

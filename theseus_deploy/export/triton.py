@@ -128,7 +128,7 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
         raise UsageError(f"--triton-max-length must be at least 8, got {max_length}")
     protected = [model, export_kwargs.get("data_dir"), export_kwargs.get("calibration_file")]
     check_output_dir(output, overwrite, protected=protected)  # never the source model, even with --overwrite
-    from .deps import require
+    from theseus_deploy.deps import require
 
     require("export --format triton", "tritonclient.grpc.model_config_pb2")  # before any work
 

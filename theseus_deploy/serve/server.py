@@ -204,7 +204,7 @@ class Server:
     def _start(self):
         from theseus_deploy.runtime import TextClassifier
 
-        from .deps import require
+        from theseus_deploy.deps import require
 
         cfg = self.cfg
         require("serve", "pytriton.triton", "pytriton.model_config", "psutil", *(["aiohttp"] if cfg.http_gateway else []))
