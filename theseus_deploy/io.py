@@ -92,10 +92,12 @@ def _clean_stale(output: Path) -> None:
 
 
 def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK") or 0)
-    except ValueError:
-        return 0
+    """The global rank: the process group's once it exists, else the first launcher variable set
+    (RANK, PMI_RANK, OMPI_COMM_WORLD_RANK, MV2_COMM_WORLD_RANK: what accelerate reads; RANK alone
+    missed mpirun's processes, which then raced for the lock)."""
+    from .dist import rank
+
+    return rank()
 
 
 @contextlib.contextmanager

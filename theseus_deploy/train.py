@@ -1,8 +1,9 @@
 """Recipes: finetune (gives the predecessor) and compress (BERT-of-Theseus), plus evaluate.
 
 A recipe is one class read top to bottom: setup -> train -> save. Distribution and mixed
-precision come from `accelerate` (`accelerate launch -m theseus_deploy compress ...`); there
-is no distributed code path of our own.
+precision come from `accelerate` (`accelerate launch -m theseus_deploy compress ...`, or torchrun /
+mpirun); the few decisions it cannot make for us (which rows each rank evaluates and trains on,
+every rank's RNG in checkpoints, who holds the output lock) are in dist.py (docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -19,37 +20,57 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import dist
 from .data import check_training_labels, encode, label_mapping, load_from_config, make_loader, positive_id
 from .errors import UsageError
 from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
-from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, locks_output, write_json
+from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, write_json
 from .metrics import compute_metrics
 from .optim import configure_optimizers, lr_schedule
 
-CHECKPOINT_FORMAT = "theseus-deploy-checkpoint/2"
+# /3: every rank's RNG states and the process count (/2 held rank 0's torch RNG only)
+CHECKPOINT_FORMAT = "theseus-deploy-checkpoint/3"
 
 
 def log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line, from the main process only (one line per run, not one per rank)."""
+    if dist.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _rank_loader(loader, batches):
+    """`loader` (a make_loader DataLoader) over the batch list `batches` instead of its own."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_sampler=batches, collate_fn=loader.collate_fn,
+                      generator=torch.Generator())  # private: iterating must not consume the global RNG
 
 
 @torch.no_grad()
 def predict(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over a loader, in eval mode."""
+    """Logits and labels over a (make_loader) loader, in eval mode, every row exactly once and in
+    order. Under several processes rank r runs batches r, r+N, ... of the one-process batch list
+    on the unwrapped model (no collective inside the loop, so a rank with one batch fewer cannot
+    hang) and the logits are gathered once and put back in order: the rows, the batches and (on
+    CPU) the logits bit for bit are those of one process."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    all_logits, all_labels = [], []
     device = accelerator.device if accelerator else next(model.parameters()).device
-    for batch in loader:
+    world, rank = dist.world_size(), dist.rank()
+    indices = list(range(len(loader.batch_sampler)))[rank::world]
+    mine = loader if world == 1 else _rank_loader(loader, dist.deal(loader.batch_sampler, world, rank, padded=False))
+    out = []
+    for i, batch in zip(indices, mine):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        if accelerator is not None:
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu().numpy())
-        all_labels.append(labels.cpu().numpy())
+        out.append((i, logits.cpu().numpy(), labels.cpu().numpy()))
     model.train(was_training)
-    return np.concatenate(all_logits), np.concatenate(all_labels)
+    if world > 1:
+        out = sorted((rec for part in dist.gather(out) for rec in part), key=lambda rec: rec[0])
+    return np.concatenate([r[1] for r in out]), np.concatenate([r[2] for r in out])
 
 
 def resolve_budget(cfg, n_train: int, steps_per_epoch: int) -> tuple[int, float]:
@@ -119,6 +140,7 @@ class Recipe:
 
         ddp = DistributedDataParallelKwargs(find_unused_parameters=self.unused_parameters)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+        self.saved = self.read_checkpoint() if self.resuming else None  # a resume that cannot work fails here
         n_batches = math.ceil(len(self.train_enc.features) / cfg.batch_size)
         self.steps_per_epoch = max(1, math.ceil(n_batches / self.acc.num_processes))
         self.total_steps, self.epochs = resolve_budget(cfg, len(self.train_enc.features), self.steps_per_epoch)
@@ -136,12 +158,14 @@ class Recipe:
         self.late = late
         self.trainable = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
-        self.dev_loader = self.acc.prepare(make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False))
+        self.dev_loader = make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False)  # predict() deals it
         self.after_prepare()
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, -1, 0
         self.best_state, self.best_metrics = None, None
         self.history: list[dict] = []
-        torch.manual_seed(cfg.seed)
+        self.pending = {"losses": [], "norms": [], "skipped": 0}  # for the next log line (skipped: since step 0)
+        # Dropout: rank r draws from seed + r (one process: --seed as before), not every rank the same masks.
+        torch.manual_seed(cfg.seed + self.acc.process_index)
         if self.resuming:
             self.load_checkpoint()
         return self
@@ -195,14 +219,17 @@ class Recipe:
         return {}
 
     def batches(self):
-        """The training batches from the current step on, epoch after epoch (a resumed run skips
-        the batches it already trained on, so it sees exactly what an uninterrupted run saw)."""
+        """This rank's training batches from the current step on, epoch after epoch: the epoch's batch
+        list (seed, epoch) padded to a multiple of the process count from its own start and dealt
+        batch i to rank i mod N (dist.deal); a resumed run skips the steps it already trained, so
+        every rank sees exactly what it saw in an uninterrupted run."""
         cfg, acc = self.cfg, self.acc
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            for batch in acc.prepare(make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch,
-                                                 skip * acc.num_processes)):
-                yield batch
+            loader = make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch)
+            mine = dist.deal(loader.batch_sampler, acc.num_processes, acc.process_index, padded=True)[skip:]
+            for batch in _rank_loader(loader, mine):
+                yield {k: v.to(acc.device) for k, v in batch.items()}
                 if self.step >= self.total_steps:
                     return
 
@@ -233,20 +260,21 @@ class Recipe:
     def train(self):
         cfg = self.cfg
         self.model.train()
-        t0, losses, norms, skipped = time.time(), [], [], 0
+        t0 = time.time()
+        losses, norms = self.pending["losses"], self.pending["norms"]  # since the last log line, checkpointed
         log(f"[{self.kind}] {len(self.train_enc.features)} train / {len(self.dev_enc.features)} dev examples, "
             f"{self.total_steps} steps ({self.epochs:g} epochs of {self.steps_per_epoch}), lr {self.lr:g}")
-        progress = _progress(self.total_steps, self.step, self.acc.is_local_main_process)
+        progress = _progress(self.total_steps, self.step, self.acc.is_main_process)
         for batch in self.batches():
             if self.before_step():
                 loss, grad_norm = self.train_step(batch)
-                losses.append(loss)
+                losses.append(dist.mean(loss))  # the mean over ranks: the same global figure on every rank
                 if grad_norm is not None:
                     norms.append(grad_norm)
             else:
                 # Every module drew its predecessor: no trainable tensor in the graph, nothing
                 # to learn; the schedules still advance so p and lr follow the step count.
-                skipped += 1
+                self.pending["skipped"] += 1
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
                 self.lr_schedule.step()
@@ -257,12 +285,13 @@ class Recipe:
             if self.step % cfg.log_steps == 0 or last:
                 rec = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
                        "grad_norm": float(np.mean(norms)) if norms else None,
-                       "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": skipped,
+                       "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": self.pending["skipped"],
                        "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
                 self.history.append(rec)
                 progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
                                       for k, v in rec.items() if k in ("loss", "p")})
-                losses, norms = [], []
+                losses.clear()
+                norms.clear()
             if self.step % self.eval_steps == 0 or last:
                 stop = self.evaluate_and_track()
             if self.step % self.save_steps == 0 and not last:
@@ -306,7 +335,10 @@ class Recipe:
     def save_checkpoint(self):
         """One file, written atomically, holding everything a resumed run needs, the best weights
         included (a separate best.pt could be newer than the checkpoint it belongs to). Only
-        tensors and plain types: it is read back with torch.load(weights_only=True)."""
+        tensors and plain types: it is read back with torch.load(weights_only=True). Every rank's RNG
+        states are gathered into it (a collective: every rank calls this at the same steps)."""
+        rngs = dist.gather(dist.rng_state())
+        extra = self.checkpoint_state()
         if not self.acc.is_main_process:
             return
         self.work.mkdir(parents=True, exist_ok=True)
@@ -318,12 +350,13 @@ class Recipe:
             "model": {k: v for k, v in self.acc.unwrap_model(self.model).state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "num_processes": self.acc.num_processes,
+            "rng": rngs,  # one entry per rank
             "best": {"score": float(self.best_score), "step": self.best_step, "bad_evals": self.bad_evals,
                      "metrics": self.best_metrics, "state": self.best_state},
             "history": self.history,
-            **self.checkpoint_state(),
+            "pending": self.pending,
+            **extra,
         }
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint.pt.", dir=self.work)
         try:
@@ -334,7 +367,8 @@ class Recipe:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def load_checkpoint(self):
+    def read_checkpoint(self) -> dict:
+        """The checkpoint of this run, checked (format, settings, process count) before any work."""
         path = self.work / "checkpoint.pt"
         if not path.is_file():
             raise UsageError(f"--resume: no checkpoint at {path}")
@@ -349,13 +383,20 @@ class Recipe:
             raise UsageError(f"--resume: {path} is not a {self.kind} checkpoint of this tool (format "
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
         self.check_resume_config(state["config"])
+        saved_n, n = state.get("num_processes"), self.acc.num_processes
+        if saved_n != n:
+            raise UsageError(f"--resume: the checkpoint was written by a run of {saved_n} processes, this run has {n}: "
+                             f"a step is --batch-size x processes examples, so the data order and the batch of every "
+                             f"later step would change; resume with {saved_n} processes (docs/distributed.md)")
+        return state
+
+    def load_checkpoint(self):
+        path, state, self.saved = self.work / "checkpoint.pt", self.saved, None
         try:
             self.acc.unwrap_model(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_schedule"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if state["rng"]["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            dist.set_rng_state(state["rng"][self.acc.process_index])  # this rank's own
             best = state["best"]
             self.step = int(state["step"])
             self.best_score, self.best_step, self.bad_evals = best["score"], best["step"], best["bad_evals"]
@@ -363,6 +404,7 @@ class Recipe:
             if self.best_step >= 0 and not self.best_state:
                 raise ValueError("best weights missing")
             self.history = state["history"]
+            self.pending = state["pending"]
             self.restore_extra(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -515,7 +557,11 @@ class CompressRecipe(Recipe):
         return self.scheduler.successor_only(self.step - 1)
 
     def checkpoint_state(self) -> dict:
-        return {"replace_gen": self.replace_gen.get_state()}
+        state = self.replace_gen.get_state()
+        # The draws are shared, not per rank: every rank's generator must be where rank 0's is.
+        if any(not torch.equal(state, other) for other in dist.gather(state)):
+            raise RuntimeError("the replacement-draw generators differ between ranks")
+        return {"replace_gen": state}
 
     def restore_extra(self, state):
         self.replace_gen.set_state(state["replace_gen"])
@@ -548,11 +594,16 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, file=sys.stderr)
 
 
+def _say(text: str):
+    """A result on stdout, from the main process only."""
+    if dist.is_main():
+        print(text)
+
+
 def _print_table(rows: list[tuple[str, dict]], metrics: tuple):
     head = f"{'model':<28}" + "".join(f"{m:>10}" for m in metrics + ("score",))
-    print(head)
-    for name, m in rows:
-        print(f"{name:<28}" + "".join(f"{m[k]:>10.4f}" for k in metrics + ("score",)))
+    _say("\n".join([head] + [f"{name:<28}" + "".join(f"{m[k]:>10.4f}" for k in metrics + ("score",))
+                             for name, m in rows]))
 
 
 # ====================================================================== entry points
@@ -561,36 +612,37 @@ def _inputs(cfg) -> list:
     return [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file]
 
 
-@locks_output("cfg.output")  # held for the whole run, O.partial/ included
+@dist.locks_output("cfg.output")  # held for the whole run, O.partial/ included
 def run_finetune(cfg: C.FinetuneConfig):
     r = FinetuneRecipe(cfg).setup().train()
     if r.paused:
-        print(f"[finetune] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
+        _say(f"[finetune] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
         return r
     r.save()
     _print_table([(f"finetuned ({r.hf_config.num_hidden_layers} layers)", r.best_metrics)], r.spec.metrics)
     return r
 
 
-@locks_output("cfg.output")
+@dist.locks_output("cfg.output")
 def run_compress(cfg: C.CompressConfig):
     r = CompressRecipe(cfg).setup().train()
     if r.paused:
-        print(f"[compress] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
+        _say(f"[compress] paused after step {r.step}: checkpoint in {r.work}; continue with --resume")
     else:
         r.save()
         s = r.summary()
         _print_table([(f"predecessor ({s['predecessor_layers']} layers)", s["predecessor_dev"]),
                       (f"successor ({s['successor_layers']} layers)", s["dev"])], r.spec.metrics)
         if s["retention"] is not None:
-            print(f"retention: {100 * s['retention']:.1f}%")
+            _say(f"retention: {100 * s['retention']:.1f}%")
     return r
 
 
-@locks_output("cfg.output")
+@dist.locks_output("cfg.output")
 def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     from .data import spec_from_model
 
+    st = dist.state()  # under a launcher: each rank scores its share of the batches (predict), rank 0 reports
     if cfg.output:
         check_output_file(cfg.output, cfg.overwrite, protected=_inputs(cfg))
     model_config = load_config(cfg.model)
@@ -598,6 +650,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     spec = spec_from_model(cfg, model_config)
     data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
     model = load_classifier(cfg.model).eval()
+    if st.num_processes > 1:
+        model.to(st.device)
     tokenizer = load_tokenizer(cfg.model)
     mapping = label_mapping(data.spec, model.config)
     enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(model), mapping)
@@ -606,7 +660,9 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     metrics = compute_metrics(data.spec, logits, labels, positive_id(data.spec, mapping))
     result = {"model": cfg.model, "task": data.spec.name, "split": cfg.split, "num_examples": len(data),
               "num_layers": model.config.num_hidden_layers, "metrics": metrics,
-              "seconds": round(time.time() - t0, 3), "data_source": data.source}
+              "seconds": round(time.time() - t0, 3), "data_source": data.source, "num_processes": st.num_processes}
+    if not st.is_main_process:
+        return result
     if cfg.output:
         write_json(cfg.output, result)
     if cfg.json:
