@@ -320,3 +320,17 @@ def test_deal_pads_training_but_not_evaluation():
     assert [dist.deal(batches, 2, r, padded=True) for r in (0, 1)] == [[[0, 1], [4, 5], [8]],
                                                                       [[2, 3], [6, 7], [0, 1]]]
     assert dist.deal(batches, 1, 0, padded=True) == batches
+
+
+def test_a_launch_accelerate_cannot_distribute_is_refused(monkeypatch):
+    """torchrun on a machine without GPUs and without ACCELERATE_USE_CPU: accelerate gives each of the
+    N processes a one-process state (N independent runs on one output); refused with one line."""
+    from theseus_deploy import dist
+    from theseus_deploy.errors import UsageError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="launched as 2 processes .* ACCELERATE_USE_CPU=true"):
+        dist.check_world(1)
+    dist.check_world(2)
+    monkeypatch.delenv("WORLD_SIZE")
+    dist.check_world(1)

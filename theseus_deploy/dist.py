@@ -86,11 +86,17 @@ def state():
     from accelerate.utils import parse_flag_from_env
 
     st = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_world(st.num_processes)
+    return st
+
+
+def check_world(num_processes: int) -> None:
+    """UsageError when the launcher's world size (WORLD_SIZE, PMI_SIZE, ...) says several processes
+    and accelerate's state has one."""
     asked = _env_int(SIZE_VARS, 1)
-    if asked > 1 and st.num_processes == 1:
+    if asked > 1 and num_processes == 1:
         raise UsageError(f"launched as {asked} processes but accelerate found no devices to spread them over "
                          "(no GPU): on CPU set ACCELERATE_USE_CPU=true for the gloo backend (docs/distributed.md)")
-    return st
 
 
 def gather(obj) -> list:
