@@ -25,13 +25,15 @@ import os
 import random
 
 from .errors import UsageError
+from .io import RANK_VARS, _rank, output_lock
 
 # The variables accelerate reads (accelerate.utils.environment.get_cpu_distributed_information):
 # torchrun / accelerate launch, Intel MPI / MPICH (PMI_*), Open MPI, MVAPICH. SLURM's SLURM_PROCID
 # is not one: under SLURM a launcher started by srun (torchrun, accelerate launch) sets RANK; a
 # plain `srun -n 2 python ...` starts two independent one-process runs, which the lock keeps apart.
-RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+__all__ = ["RANK_VARS", "SIZE_VARS", "rank", "world_size", "is_main", "state", "check_world", "gather", "broadcast",
+           "mean", "deal", "rng_state", "set_rng_state", "locks_output"]
 
 
 def _env_int(names, default: int) -> int:
@@ -58,11 +60,7 @@ def _initialized() -> bool:
 
 def rank() -> int:
     """This process's global rank: the process group's once it exists, else the launcher's variable."""
-    if _initialized():
-        import torch.distributed as td
-
-        return td.get_rank()
-    return _env_int(RANK_VARS, 0)
+    return _rank()
 
 
 def world_size() -> int:
@@ -171,8 +169,6 @@ def locks_output(arg: str = "cfg.output"):
     started first, then only the main process takes the output lock, and every rank learns whether
     it got it, so a refused run stops on every rank with the same one-line error (before: the rank
     came from RANK, unset under mpirun until accelerate ran, and both ranks raced for the lock)."""
-    from .io import output_lock
-
     name, _, attr = arg.partition(".")
 
     def decorate(fn):

@@ -91,13 +91,29 @@ def _clean_stale(output: Path) -> None:
                         entry.unlink()
 
 
-def _rank() -> int:
-    """The global rank: the process group's once it exists, else the first launcher variable set
-    (RANK, PMI_RANK, OMPI_COMM_WORLD_RANK, MV2_COMM_WORLD_RANK: what accelerate reads; RANK alone
-    missed mpirun's processes, which then raced for the lock)."""
-    from .dist import rank
+# The launchers' rank variables accelerate reads (accelerate.utils.environment): torchrun / accelerate
+# launch, Intel MPI / MPICH, Open MPI, MVAPICH. RANK alone missed mpirun's processes (accelerate sets
+# RANK only when its state is created): both raced for the lock, one exited 2, the other hung.
+RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
-    return rank()
+
+def _rank() -> int:
+    """The global rank: the process group's once it exists, else the first launcher variable set."""
+    import sys
+
+    if "torch" in sys.modules:  # a command that never imported torch has no process group
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            return td.get_rank()
+    for name in RANK_VARS:
+        try:
+            value = int(os.environ.get(name, -1))
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return 0
 
 
 @contextlib.contextmanager
