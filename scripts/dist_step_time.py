@@ -6,7 +6,7 @@ Each configuration is a real `finetune` run (`--log-steps 1`); a step's time is 
 consecutive `elapsed_s` in its train_log.jsonl, the first `--warmup` steps dropped; rounds are
 interleaved (A B C A B C ...) so machine drift hits every configuration; medians are reported.
 The model is a random BERT (default 6 layers, hidden 384: MiniLM's shape, heads 2) built by
-theseus_deploy.tiny; the data are toy sentences long enough to fill `--seq-len` tokens.
+tests/tiny.py; the data are toy sentences long enough to fill `--seq-len` tokens.
 
     python scripts/dist_step_time.py --out runs/dist-step-time.json            # CPU: 1 vs 2 processes
     python scripts/dist_step_time.py --procs 1,4 --threads 0 --out gpu.json    # a 4-GPU node
@@ -94,7 +94,8 @@ def main():
                     help="OMP threads per process (default: the logical CPUs divided by the process count; 0: unset)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    from theseus_deploy.tiny import make_tiny_model
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import make_tiny_model  # tests/tiny.py
 
     procs = [int(p) for p in a.procs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
