@@ -29,6 +29,9 @@ def check_url(url: str) -> tuple[str, int]:
         raise UsageError(f"URL must look like http://127.0.0.1:8000, got '{url}'")
     if u.hostname not in LOOPBACK:
         raise UsageError(f"loadtest targets loopback only (127.0.0.1, localhost, ::1), got host '{u.hostname}'")
+    if u.path not in ("", "/") or u.query or u.fragment:
+        raise UsageError(f"URL '{url}': give the server's address only (http://HOST:PORT); the load test sends "
+                         f"to /v2/models/<--model-name>/infer itself")
     try:
         port = u.port  # ValueError for a port that is not a number or beyond 65535
     except ValueError:
