@@ -244,6 +244,7 @@ class Server:
         # counts) stay open, the endpoints that change the server (repository, shared memory, trace, logging) do not.
         security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
         self.triton = Triton(config=config, workspace=self.workdir / "workspace", security_config=security)
+        self._fail_fast_start(triton_http)
         self.triton.bind(model_name=MODEL_NAME, infer_func=[make_infer_func(c, cfg.micro_batch) for c in classifiers],
                          inputs=[Tensor(name="text", dtype=bytes, shape=(1,))],
                          outputs=[Tensor(name="label", dtype=bytes, shape=(1,)),
@@ -266,6 +267,34 @@ class Server:
             self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
             self.gateway.start()
         self.ready_seconds = time.perf_counter() - t0
+
+    def _fail_fast_start(self, http_port: int) -> None:
+        """PyTriton waits up to 120 s for the server to be ready even when it has already exited
+        (measured: a --grpc-port taken by another process after check_ports, as when two `serve` on
+        the same ports start at once: Triton exited in 1 s, the start hung 120 s). Readiness is
+        polled here first, and the wait ends the moment the server process is gone, with its reason."""
+        import urllib.request
+
+        triton, original = self.triton, self.triton._wait_for_server
+        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        url = f"http://{host}:{http_port}/v2/health/ready"
+
+        def wait():
+            server = getattr(triton, "_triton_server", None)  # PyTriton's TritonServer: is_alive(), logs()
+            deadline = time.monotonic() + 120
+            while server is not None and time.monotonic() < deadline:
+                if not server.is_alive():
+                    raise UsageError(f"Triton exited while starting: {_triton_error(server.logs())}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.2)
+            original()
+
+        triton._wait_for_server = wait
 
     @property
     def url(self) -> str:
@@ -323,7 +352,23 @@ class Server:
                     except psutil.Error:
                         pass
                 psutil.wait_procs(alive, timeout=5)
+                # After a failed start PyTriton's exit callback stops (and cleans its workspace) in its own
+                # thread: removing the folder under it made it warn (CleanupWarning). Wait for it, 5 s at most.
+                deadline = time.monotonic() + 5
+                while (self.workdir / "workspace").exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _triton_error(logs: str) -> str:
+    """The last error line of Triton's log (`E1201 09:57:20.933649 8074 main.cc:245] "failed to start GRPC
+    service: ..."`) without its prefix, else its last line."""
+    import re
+
+    lines = [line.strip() for line in (logs or "").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"E\d{4} ", line)]
+    line = (errors or lines or ["no log"])[-1]
+    return line.split("] ", 1)[-1].strip().strip('"').strip()
 
 
 def _child_pids() -> set[int]:
@@ -342,6 +387,10 @@ def run_serve(cfg) -> None:
     logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not cfg.verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
+        # "Triton Inference Server exited with failure. Please wait.": logged at every stop whose exit
+        # timeout expired, and before the one `error:` line of a failed start (which says why)
+        logging.getLogger("pytriton.server.triton_server").addFilter(
+            lambda record: "exited with failure" not in record.getMessage())
     server = Server(cfg)
     with _signals_as_interrupt():
         server.start()
