@@ -96,7 +96,8 @@ def test_loadtest_port_out_of_range_or_not_a_number(port, tmp_path, synthetic_gl
 
 def test_serve_ports_busy_or_shared_are_refused_before_start(tiny_bert, tmp_path):
     """Measured before: a busy --grpc-port hung the start for 120 s (Triton exited, PyTriton waited);
-    a busy --http-port, or one port given twice, ended in the gateway's OSError traceback."""
+    a busy --http-port, or one port given twice, ended in the gateway's OSError traceback; --host ::1
+    in a socket.gaierror traceback (and PyTriton cannot use an IPv6 address at all)."""
     pytest.importorskip("pytriton")
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
@@ -104,6 +105,8 @@ def test_serve_ports_busy_or_shared_are_refused_before_start(tiny_bert, tmp_path
     b, f1, f2 = busy.getsockname()[1], free_port(), free_port()
     try:
         cases = {"http busy": (["--http-port", b, "--grpc-port", f1, "--metrics-port", f2], f"--http-port {b}"),
+                 "IPv6 loopback": (["--host", "::1", "--http-port", f1, "--grpc-port", b, "--metrics-port", f2],
+                                   "PyTriton cannot serve on an IPv6 address"),
                  "grpc busy": (["--http-port", f1, "--grpc-port", b, "--metrics-port", f2], f"--grpc-port {b}"),
                  "one port twice": (["--http-port", f1, "--grpc-port", f1, "--metrics-port", f2],
                                     f"--http-port and --grpc-port are both {f1}")}

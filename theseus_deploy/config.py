@@ -288,7 +288,7 @@ class ServeConfig(Checked):
     backend: str = opt("onnx-int8", "Runtime backend of the served model (onnx-int8: the fastest on CPUs; "
                                     "naive baseline: torch with --max-batch-size 1).", choices=_backends())
     device: str = opt("cpu", "Device the model runs on.", choices=["cpu", "cuda"])
-    host: str = opt("127.0.0.1", "Address HTTP, gRPC and metrics listen on (loopback unless --allow-remote).")
+    host: str = opt("127.0.0.1", "IPv4 address HTTP, gRPC and metrics listen on (loopback unless --allow-remote).")
     allow_remote: bool = opt(False, "Allow a --host other than loopback (put the server behind your own gateway).")
     http_port: int = opt(8000, "KServe v2 HTTP port.", ge=1, le=65535)
     grpc_port: int = opt(8001, "KServe v2 gRPC port.", ge=1, le=65535)

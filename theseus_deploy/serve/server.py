@@ -44,12 +44,17 @@ LOG = logging.getLogger("theseus_deploy.serve")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _free_port(host: str) -> int:
+def _free_port(host: str, avoid=()) -> int:
+    """A port free on `host` now (IPv6 hosts too), none of `avoid` (the ports the flags name, not bound yet)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def check_ports(host: str, ports: dict[str, int]) -> None:
@@ -187,6 +192,10 @@ class Server:
         """`cfg`: a theseus_deploy.config.ServeConfig."""
         if cfg.host not in LOOPBACK and not cfg.allow_remote:
             raise UsageError(f"--host {cfg.host}: this server listens on loopback only (127.0.0.1) unless --allow-remote")
+        if ":" in cfg.host:
+            # measured: PyTriton 0.7.0 writes http://::1:PORT and fails on its own URL (PyTritonClientInvalidUrlError)
+            raise UsageError(f"--host {cfg.host}: PyTriton cannot serve on an IPv6 address; use 127.0.0.1 "
+                             f"(or an IPv4 address with --allow-remote)")
         self.cfg = cfg
         self.workdir = Path(tempfile.mkdtemp(prefix="theseus-serve-"))
         self.triton = None
@@ -227,7 +236,8 @@ class Server:
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
         # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal loopback port.
-        triton_http = _free_port(cfg.host) if cfg.http_gateway else cfg.http_port
+        triton_http = (_free_port(cfg.host, avoid={cfg.http_port, cfg.grpc_port, cfg.metrics_port}) if cfg.http_gateway
+                       else cfg.http_port)
         config = TritonConfig(http_address=cfg.host, http_port=triton_http, grpc_address=cfg.host,
                               grpc_port=cfg.grpc_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
                               exit_timeout_secs=cfg.exit_timeout_secs, log_verbose=0)
