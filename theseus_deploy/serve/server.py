@@ -268,7 +268,9 @@ class Server:
 
             for pid in _child_pids() - before:
                 try:
-                    self.started_processes.append(psutil.Process(pid))
+                    proc = psutil.Process(pid)
+                    if proc.cmdline()[:1] and proc.cmdline()[0].startswith(str(self.workdir)):  # our tritonserver
+                        self.started_processes.append(proc)
                 except psutil.Error:
                     pass
         if cfg.http_gateway:
@@ -330,12 +332,12 @@ class Server:
         --exit-timeout-secs + 10 s: nothing is left behind, and nothing else is touched.
 
         "Started by this server" = the children of this process that appeared while `Triton.run()`
-        ran (the tritonserver; PyTriton starts no other process here, measured), with all their
-        descendants taken just before the stop (the Python-backend stubs and their multiprocessing
-        helpers, which are re-parented when the server exits and outlived the stub by seconds when
-        measured). A caller's own child processes, started before or after, are left alone (serve is
-        also a library). A child another thread of the caller starts during those seconds of
-        `Triton.run()` would be counted as the server's: PyTriton gives no handle on its process tree."""
+        ran and run the tritonserver binary PyTriton copied into this server's workspace (PyTriton
+        starts no other process here, measured), with all their descendants taken just before the
+        stop (the Python-backend stubs and their multiprocessing helpers, which are re-parented when
+        the server exits and outlived the stub by seconds when measured). A caller's own child
+        processes, started before, during or after, and another Server's, are left alone (serve is also
+        a library); PyTriton gives no handle on its process tree, hence the workspace path."""
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
