@@ -22,6 +22,7 @@ import numpy as np
 
 
 def build(model: str, layers: int, work: Path, calib_n: int, seq: int, variants) -> dict:
+    from theseus_deploy.config import ExportConfig
     from theseus_deploy.data import load_task
     from theseus_deploy.export.api import export_model
     from theseus_deploy.export.ort import calibration_feeds, quantize_int8_static
@@ -35,7 +36,7 @@ def build(model: str, layers: int, work: Path, calib_n: int, seq: int, variants)
         load_tokenizer(model).save_pretrained(src)
     art = folder / "export"
     if not (art / "model.onnx").is_file():
-        export_model(str(src), ["onnx", "onnx-int8"], str(art), max_seq_length=seq, validate=False)
+        export_model(ExportConfig.of(model=str(src), formats=["onnx", "onnx-int8"], output=str(art), max_seq_length=seq, validate=False))
     tok = load_tokenizer(str(src))
     names = json.loads((art / "manifest.json").read_text())["input_names"]
     feeds = None

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from theseus_deploy.config import ExportConfig
+
 from theseus_deploy.artifact import VERSION, ExportFolder
 from theseus_deploy.errors import UsageError
+from theseus_deploy.registry import BACKENDS
 from theseus_deploy.runtime import TextClassifier, load_runner
 
 
@@ -17,7 +20,7 @@ def exported(tiny_bert, tmp_path_factory):
     from theseus_deploy.export.api import export_model
 
     out = tmp_path_factory.mktemp("art") / "e"
-    export_model(str(tiny_bert), ["onnx"], str(out), max_seq_length=32)
+    export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx"], output=str(out), max_seq_length=32))
     return out
 
 
@@ -34,7 +37,8 @@ def test_manifest_has_a_version_and_is_read_back(exported):
     m = json.loads((exported / "manifest.json").read_text())
     assert m["version"] == VERSION
     folder = ExportFolder.read(exported)
-    assert folder.formats == ["onnx"] and folder.backends == ["onnx"]
+    assert folder.formats == ["onnx"]
+    assert folder.backends == [b.name for b in BACKENDS.values() if b.format == "onnx"] and "onnx" in folder.backends
     assert folder.resolve("onnx") == (exported / "model.onnx").resolve()
 
 
@@ -95,3 +99,48 @@ def test_listed_file_that_is_not_onnx_is_one_error_naming_it(exported, tmp_path)
         load_runner(str(folder), "onnx")
     with pytest.raises(UsageError, match=r"model\.onnx: not a loadable ONNX graph"):
         TextClassifier.load(str(folder), backend="onnx")
+
+
+# ------------------------------------------------------------------ the same guarantees, as a user meets them
+def _cli(*argv, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "theseus_deploy", *argv], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def _one_error(r, match):
+    import re
+
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and lines and lines[-1].startswith("error:"), r.stderr[-2000:]
+    assert re.search(match, lines[-1]), lines[-1]
+
+
+BENCH = ["--batch-sizes", "1", "--seq-lens", "8", "--rounds", "1", "--iterations", "1", "--min-seconds", "0",
+         "--warmup", "0"]
+
+
+def test_bench_of_a_folder_with_an_unlisted_or_junk_artifact_is_one_error(exported, tmp_path):
+    (tmp_path / "outside").mkdir()
+    shutil.copy(exported / "model.onnx", tmp_path / "outside" / "model.onnx")
+    unlisted = _copy(exported, tmp_path / "unlisted", lambda m: m.update(artifacts=[]))
+    (unlisted / "model.onnx").unlink()
+    (unlisted / "model.onnx").symlink_to(tmp_path / "outside" / "model.onnx")
+    r = _cli("bench", "--model", str(unlisted), "--backend", "onnx", *BENCH, "--output", str(tmp_path / "o1"))
+    _one_error(r, r"holds no artifact for onnx")
+    r = _cli("bench", "--model", str(unlisted), *BENCH, "--output", str(tmp_path / "o2"))
+    _one_error(r, r"no artifact of its manifest")
+
+    junk = b"not an onnx graph\n" * 8
+    bad = _copy(exported, tmp_path / "junk", lambda m: m["artifacts"][0].update(sha256=hashlib.sha256(junk).hexdigest()))
+    (bad / "model.onnx").write_bytes(junk)
+    r = _cli("bench", "--model", str(bad), *BENCH, "--output", str(tmp_path / "o3"))
+    _one_error(r, r"junk/model\.onnx: not a loadable ONNX graph")
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))

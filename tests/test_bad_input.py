@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from theseus_deploy.config import ExportConfig
 from click.testing import CliRunner
 
 from conftest import REPO, make_tiny_model
@@ -255,10 +257,8 @@ def _disk_full(*args, **kwargs):
 @pytest.mark.parametrize("command", ["finetune", "evaluate", "export", "bench"])
 def test_disk_full_is_one_error_and_nothing_half_written(command, env, tmp_path, monkeypatch):
     import theseus_deploy.io as io
-    import theseus_deploy.train as train
 
-    monkeypatch.setattr(io, "write_json", _disk_full)
-    monkeypatch.setattr(train, "write_json", _disk_full)
+    monkeypatch.setattr(io, "atomic_write_text", _disk_full)  # under every write_json, wherever it is imported
     out = tmp_path / "out"
     m = str(env["models"]["base"])
     argv = {"finetune": ["finetune", "--model", m, *_toy(env), "--output", str(out), *QUICK],
@@ -380,7 +380,7 @@ def exported(env, tmp_path_factory):
     from theseus_deploy.export.api import export_model
 
     out = tmp_path_factory.mktemp("exp") / "e"
-    export_model(str(env["models"]["base"]), ["onnx"], str(out), max_seq_length=32)
+    export_model(ExportConfig.of(model=str(env["models"]["base"]), formats=["onnx"], output=str(out), max_seq_length=32))
     return out
 
 

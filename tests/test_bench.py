@@ -151,6 +151,7 @@ def test_random_init_from_config_folder(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [m["tag"] for m in res["models"]] == ["cfg-L4", "cfg-L2"] and all(m["random_init"] for m in res["models"])
+    assert (tmp_path / "o" / "report.md").read_text().count("random weights") == 2
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -261,3 +262,42 @@ def test_plots_follow_the_sweep_shape_and_need_no_matplotlib(pair, tmp_path, mon
     assert report.plots(res, tmp_path) == []
     assert report.main([str(out / "results.json"), str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "report.md").read_text() == (out / "report.md").read_text()
+
+
+def test_bench_of_an_export_folder_times_its_own_artifact(pair, tmp_path, monkeypatch):
+    """An export folder with a static INT8 graph: bench times that file (the sha256 it records is the
+    manifest's), never re-exports, and the report says nothing of random weights."""
+    import hashlib
+
+    import theseus_deploy.export.api as export_api
+    from theseus_deploy.config import ExportConfig
+
+    rows = ["sentence,label"] + [f"{'a very good movie ' * (i % 3 + 1)},{i % 2}" for i in range(16)]
+    (tmp_path / "cal.csv").write_text("\n".join(rows) + "\n")
+    exp = tmp_path / "exp"
+    export_api.export_model(ExportConfig.of(model=str(pair[1]), formats=["onnx-int8-static"], output=str(exp),
+                                            max_seq_length=32, validate=False, calibration_task="custom",
+                                            calibration_file=str(tmp_path / "cal.csv"),
+                                            calibration_text_columns="sentence", calibration_samples=8))
+    want = json.loads((exp / "manifest.json").read_text())["artifacts"][0]["sha256"]
+    assert hashlib.sha256((exp / "model-int8-static.onnx").read_bytes()).hexdigest() == want
+
+    def no_export(*a, **k):
+        raise AssertionError("bench re-exported an export folder")
+
+    monkeypatch.setattr(export_api, "export_model", no_export)
+    r = CliRunner().invoke(cli, ["bench", "--model", str(exp), "--batch-sizes", "1", "--seq-lens", "16",
+                                 "--iterations", "2", "--rounds", "1", "--min-seconds", "0", "--output", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [c["backend"] for c in res["cells"]] == ["onnx-int8-static"]
+    assert [(a["backend"], a["file"], a["sha256"]) for a in res["artifacts"]] == \
+        [("onnx-int8-static", "model-int8-static.onnx", want)]
+    assert res["artifacts"][0]["source"].startswith("export folder") and not res["models"][0]["random_init"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "random weights" not in report and want[:16] in report
+    # a model folder bench exports itself says so; a config-only one says random weights
+    r = CliRunner().invoke(cli, ["bench", "--model", str(pair[0]), "--backend", "onnx", "--batch-sizes", "1",
+                                 "--seq-lens", "16", "--iterations", "2", "--rounds", "1", "--min-seconds", "0",
+                                 "--output", str(tmp_path / "o2")])
+    assert r.exit_code != 0  # export_model is patched out: a model folder does need an export

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from theseus_deploy.config import ExportConfig
+
 pytest.importorskip("pytriton")
 psutil = pytest.importorskip("psutil")
 
@@ -59,7 +61,7 @@ def export_dir(tiny_bert, tmp_path_factory):
     from theseus_deploy.export.api import export_model
 
     out = tmp_path_factory.mktemp("serve") / "export"
-    export_model(str(tiny_bert), ["onnx-int8"], str(out), max_seq_length=128)
+    export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(out), max_seq_length=128))
     return out
 
 

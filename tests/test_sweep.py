@@ -145,7 +145,7 @@ def cfg_from(argv):
         CliRunner().invoke(cli, argv, catch_exceptions=False)
     finally:
         command.sweep.callback = orig
-    return SweepConfig(**holder)
+    return SweepConfig.of(**holder)
 
 
 def test_killed_sweep_resumes_and_redecides_without_retraining(setup, tmp_path):

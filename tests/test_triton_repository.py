@@ -10,6 +10,8 @@ import types
 import numpy as np
 import pytest
 
+from theseus_deploy.config import ExportConfig
+
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 from theseus_deploy.export.triton import RepositoryError, validate_repository  # noqa: E402
@@ -20,8 +22,7 @@ def repo(tiny_bert, tmp_path_factory):
     from theseus_deploy.export.triton import export_repository
 
     out = tmp_path_factory.mktemp("triton") / "repo"
-    export_repository(str(tiny_bert), str(out), ["triton", "onnx-int8", "onnx-fp16"], max_batch_size=16, max_length=32,
-                      max_seq_length=128)
+    export_repository(ExportConfig.of(model=str(tiny_bert), output=str(out), formats=["triton", "onnx-int8", "onnx-fp16"], max_batch_size=16, triton_max_length=32, max_seq_length=128))
     return out
 
 

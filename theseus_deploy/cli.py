@@ -87,24 +87,25 @@ def _click_type(tp, choices):
 
 def options_from(cls, required: tuple[str, ...] = ()):
     """Decorate a click command with one option per dataclass field: name, type, choices, help and
-    repeatability come from the field and its metadata (theseus_deploy/config.py), for every command."""
-    hints = typing.get_type_hints(cls)
+    repeatability come from the field and its metadata (theseus_deploy/config.py), for every command.
+    Nested groups (`config.group`) give flat options with their prefix (`--int8-reduce-range`); the
+    command builds its config from them with `Config.of(**kwargs)`."""
 
     def decorate(fn):
-        for f in reversed(dataclasses.fields(cls)):
+        for name, f, tp, _ in reversed(C.flat_fields(cls)):
             meta = f.metadata
-            name = meta.get("flag") or "--" + f.name.replace("_", "-")
-            tp = hints[f.name]
+            flag = meta.get("flag") or "--" + name.replace("_", "-")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             if tp is bool:
-                decls = name if "/" in name else f"{name}/--no-{name[2:]}"
-                fn = click.option(decls, f.name, default=f.default, show_default=True, help=meta.get("help"))(fn)
+                decls = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
+                fn = click.option(decls, name, default=default, show_default=True, help=meta.get("help"))(fn)
             elif meta.get("multiple"):
                 elem = _click_type((typing.get_args(tp) or (str,))[0], meta.get("choices"))
-                fn = click.option(name, f.name, type=elem, multiple=True, required=f.name in required,
+                fn = click.option(flag, name, type=elem, multiple=True, required=name in required,
                                   help=meta.get("help"))(fn)
             else:
-                fn = click.option(name, f.name, type=_click_type(tp, meta.get("choices")), default=f.default,
-                                  required=f.name in required, show_default=f.default is not None,
+                fn = click.option(flag, name, type=_click_type(tp, meta.get("choices")), default=default,
+                                  required=name in required, show_default=default is not None,
                                   help=meta.get("help"))(fn)
         return fn
 

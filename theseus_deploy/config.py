@@ -13,16 +13,18 @@ from .errors import UsageError
 
 
 def opt(default, help: str, choices=None, flag: str | None = None, multiple: bool = False, *,
-        resume: bool = False, ge=None, gt=None, le=None, lt=None, allow_inf: bool = False):
+        resume: bool = False, artifact: bool = False, ge=None, gt=None, le=None, lt=None, allow_inf: bool = False):
     """A dataclass field that also describes its CLI option and what values it accepts.
 
     flag: the option's name(s) when they differ from the field's (`--format`, `--validate/--no-validate`);
     multiple: a repeatable option (a tuple); resume: the field decides the training trajectory (data
     order, draws, p, lr, what is evaluated and kept), so `--resume` refuses a changed value;
+    artifact: the field changes what `export` builds (opset, quantisation), so a resumed sweep
+    refuses a changed value (sweep decides on `resume` and `artifact` fields);
     ge/gt/le/lt: bounds checked by `check()` for every command; floats must also be finite
     unless allow_inf.
     """
-    meta = {"help": help, "choices": choices, "flag": flag, "multiple": multiple, "resume": resume,
+    meta = {"help": help, "choices": choices, "flag": flag, "multiple": multiple, "resume": resume, "artifact": artifact,
             "ge": ge, "gt": gt, "le": le, "lt": lt, "allow_inf": allow_inf}
     if multiple and default is None:
         default = ()
@@ -34,14 +36,68 @@ def _bounds_text(meta) -> str:
     return " and ".join(parts)
 
 
-def check(cfg) -> None:
+def group(cls, prefix: str = ""):
+    """A nested group of options (a plain dataclass): its fields become the flags `--{prefix}{field}`
+    (`int8 = group(Int8Config, "int8_")` gives `--int8-reduce-range`), so related settings travel
+    together (`cfg.int8.reduce_range`) while the command line stays flat."""
+    return field(default_factory=cls, metadata={"group": cls, "prefix": prefix})
+
+
+def flat_fields(cls, prefix: str = ""):
+    """(flat name, field, type, path) for every option of `cls`, groups flattened with their prefixes:
+    what the CLI makes flags of (`int8_reduce_range`, path ("int8", "reduce_range"))."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("group")
+        if sub is not None:
+            out += [(name, g, tp, (f.name, *path)) for name, g, tp, path in flat_fields(sub, prefix + f.metadata["prefix"])]
+        else:
+            out.append((prefix + f.name, f, hints[f.name], (f.name,)))
+    return out
+
+
+def from_flat(cls, values: dict, prefix: str = "", _top: bool = True):
+    """Build `cls` (groups included) from flat option names (`int8_reduce_range=True`); a name that is
+    no option of `cls` is a TypeError, as for the dataclass itself."""
+    unknown = sorted(set(values) - {name for name, *_ in flat_fields(cls, prefix)}) if _top else []
+    if unknown:
+        raise TypeError(f"{cls.__name__}: unknown option(s) {', '.join(unknown)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("group")
+        if sub is not None:
+            kwargs[f.name] = from_flat(sub, values, prefix + f.metadata["prefix"], _top=False)
+        elif prefix + f.name in values:
+            kwargs[f.name] = values[prefix + f.name]
+    return cls(**kwargs)
+
+
+def to_flat(cfg, prefix: str = "") -> dict:
+    """The config's values under their flat option names (the inverse of `from_flat`)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("group") is not None:
+            out.update(to_flat(value, prefix + f.metadata["prefix"]))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+def check(cfg, prefix: str = "") -> None:
     """Refuse out-of-range numbers (from each field's metadata) with one UsageError naming the flag."""
     for f in dataclasses.fields(cfg):
         meta, value = f.metadata, getattr(cfg, f.name)
+        if meta.get("group") is not None:
+            check(value, prefix + meta["prefix"])
+            continue
         if not meta or value is None or isinstance(value, bool):
             continue
         values = value if isinstance(value, (tuple, list)) else (value,)
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + (prefix + f.name).replace("_", "-")
         for v in values:
             if not isinstance(v, (int, float)):
                 continue
@@ -66,6 +122,12 @@ class Checked:
 
     def __post_init__(self):
         check(self)
+
+    @classmethod
+    def of(cls, **flat):
+        """Build from flat option names, as the CLI passes them: `ExportConfig.of(model=M, formats=["onnx"],
+        output=O, max_seq_length=128, int8_reduce_range=True)`."""
+        return from_flat(cls, flat)
 
 
 @dataclass
@@ -106,7 +168,7 @@ class TrainConfig(DataConfig):
                                resume=True, ge=0)
     warmup_ratio: float = opt(0.06, "Fraction of steps for linear warm-up.", resume=True, ge=0, lt=1)
     batch_size: int = opt(32, "Training batch size (per device).", resume=True, ge=1)
-    eval_batch_size: int = opt(64, "Evaluation batch size.", ge=1)
+    eval_batch_size: int = opt(64, "Evaluation batch size.", ge=1, artifact=True)  # sweep: scores, export profile
     eval_steps: int | None = opt(None, "Evaluate on dev every N steps (default: once per epoch); the best checkpoint is kept.",
                                  resume=True, ge=1)
     save_steps: int | None = opt(None, "Write a resumable checkpoint every N steps (default: same as --eval-steps).",
@@ -177,9 +239,9 @@ class EvaluateConfig(DataConfig):
 
 
 def _formats():
-    from .registry import FORMATS
+    from .registry import output_names
 
-    return list(FORMATS)
+    return output_names()
 
 
 def _backends():
@@ -189,63 +251,119 @@ def _backends():
 
 
 @dataclass
+class ProfileConfig:
+    """The largest shape export builds and validates for, and TensorRT's one optimisation profile."""
+
+    max_batch_size: int = opt(32, "Largest batch (TensorRT profile max).", ge=1)
+    max_seq_length: int = opt(512, "Longest sequence (TensorRT profile max; capped at the model's position limit).", ge=1)
+    opt_batch_size: int | None = opt(None, "TensorRT profile opt batch (default: max/2).", ge=1)
+    opt_seq_length: int | None = opt(None, "TensorRT profile opt sequence length (default: max/2).", ge=1)
+
+
+@dataclass
+class Int8Config:
+    """INT8 weights (onnx-int8, and the weights of onnx-int8-static)."""
+
+    per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
+                            flag="--int8-per-channel/--int8-per-tensor", artifact=True)
+    reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).",
+                             artifact=True)
+
+
+@dataclass
+class StaticInt8Config:
+    """onnx-int8-static: how the calibrated graph is written."""
+
+    format: str = opt("qdq", "onnx-int8-static: QDQ (QuantizeLinear/DequantizeLinear pairs) or QOperator "
+                             "(QLinearMatMul) nodes.", choices=["qdq", "qoperator"])
+    attention: str = opt("dynamic", "onnx-int8-static: the fused Attention nodes (which ONNX Runtime's static "
+                                    "quantiser cannot take): QAttention with its input quantised per call "
+                                    "(dynamic) or with a calibrated scale (static), or kept fp32.",
+                         choices=["dynamic", "static", "fp32"])
+
+
+@dataclass
+class CalibrationConfig:
+    """onnx-int8-static: the texts that calibrate the activation scales."""
+
+    task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate the activation "
+                                 "scales (a GLUE task, or 'custom' with --calibration-file). Default: --task.")
+    file: str | None = opt(None, "--calibration-task custom: file of texts (.csv, .tsv, .json/.jsonl).")
+    text_columns: str | None = opt(None, "--calibration-task custom: text column(s), a[,b].")
+    samples: int = opt(256, "onnx-int8-static: number of calibration texts (the first N).", ge=1)
+    seq_length: int | None = opt(None, "onnx-int8-static: calibration texts are padded/truncated to this "
+                                       "length (default: min(128, --max-seq-length)).", ge=1)
+
+
+@dataclass
+class TritonConfig:
+    """--format triton: the model repository's batching and instances."""
+
+    max_length: int = opt(128, "--format triton: the tokenizer step pads every text to this many tokens.", ge=8)
+    max_queue_delay_ms: float = opt(2.0, "--format triton: dynamic batching queue delay (ms).", ge=0, le=10000)
+    max_queue_size: int = opt(256, "--format triton: bounded queue; beyond it requests are rejected.", ge=1)
+    queue_timeout_ms: float = opt(10000.0, "--format triton: a request queued longer is rejected (ms).", gt=0)
+    instances: int = opt(1, "--format triton: instances per model.", ge=1, le=64)
+
+
+@dataclass
 class ExportConfig(Checked):
     """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
 
     model: str = opt(None, "Model folder (predecessor or successor) or hub id.")
     formats: tuple[str, ...] = opt((), "Artifact to build; repeat for several (see the formats below).", choices=_formats(),
-                         flag="--format", multiple=True)
+                                   flag="--format", multiple=True)
     output: str = opt(None, "Output folder: one file per format, manifest.json, config and tokenizer.")
-    opset: int = opt(17, "ONNX opset (17 or higher).", ge=17)
-    max_batch_size: int = opt(32, "Largest batch (TensorRT profile max).", ge=1)
-    max_seq_length: int = opt(512, "Longest sequence (TensorRT profile max; capped at the model's position limit).", ge=1)
-    opt_batch_size: int | None = opt(None, "TensorRT profile opt batch (default: max/2).", ge=1)
-    opt_seq_length: int | None = opt(None, "TensorRT profile opt sequence length (default: max/2).", ge=1)
+    opset: int = opt(17, "ONNX opset (17 or higher).", ge=17, artifact=True)
+    profile: ProfileConfig = group(ProfileConfig)
     validate: bool = opt(True, "Check every artifact against PyTorch.")
     atol: float | None = opt(None, "Absolute tolerance on logits (default per format: fp32 1e-4, fp16 2e-2, "
-                                   "int8/bf16 50% of the largest logit).", gt=0)
+                                   "int8/bf16 50% of the largest logit).", gt=0, artifact=True)
     task: str | None = opt(None, "Also score each artifact on this task's dev set next to PyTorch.")
     data_dir: str | None = opt(None, "Local glue_data folder for --task.")
     max_eval_samples: int | None = opt(None, "Score only the first N dev examples.", ge=1)
     max_task_drop: float = opt(0.01, "With --task: fail if an artifact's dev score is more than this below PyTorch's "
                                      "(0.01 = 1 point).", ge=0, le=1)
-    int8_per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
-                                 flag="--int8-per-channel/--int8-per-tensor")
-    int8_reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).")
+    int8: Int8Config = group(Int8Config, "int8_")
     allow_unfused: bool = opt(False, "Keep a BERT/RoBERTa graph whose attention ONNX Runtime did not fuse (onnxruntime "
                                      "< 1.31 with transformers 5): it runs, but slower. Default: fail with an error.")
-    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate the activation "
-                                             "scales (a GLUE task, or 'custom' with --calibration-file). Default: --task.")
-    calibration_file: str | None = opt(None, "--calibration-task custom: file of texts (.csv, .tsv, .json/.jsonl).")
-    calibration_text_columns: str | None = opt(None, "--calibration-task custom: text column(s), a[,b].")
-    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts (the first N).", ge=1)
-    calibration_seq_length: int | None = opt(None, "onnx-int8-static: calibration texts are padded/truncated to this "
-                                                   "length (default: min(128, --max-seq-length)).", ge=1)
-    int8_static_format: str = opt("qdq", "onnx-int8-static: QDQ (QuantizeLinear/DequantizeLinear pairs) or QOperator "
-                                         "(QLinearMatMul) nodes.", choices=["qdq", "qoperator"])
-    int8_static_attention: str = opt("dynamic", "onnx-int8-static: the fused Attention nodes (which ONNX Runtime's static "
-                                                "quantiser cannot take): QAttention with its input quantised per call "
-                                                "(dynamic) or with a calibrated scale (static), or kept fp32.",
-                                     choices=["dynamic", "static", "fp32"])
+    calibration: CalibrationConfig = group(CalibrationConfig, "calibration_")
+    int8_static: StaticInt8Config = group(StaticInt8Config, "int8_static_")
     threads: int | None = opt(None, "CPU threads for validation runs.", ge=1)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
-    triton_max_length: int = opt(128, "--format triton: the tokenizer step pads every text to this many tokens.", ge=8)
-    triton_max_queue_delay_ms: float = opt(2.0, "--format triton: dynamic batching queue delay (ms).", ge=0, le=10000)
-    triton_max_queue_size: int = opt(256, "--format triton: bounded queue; beyond it requests are rejected.", ge=1)
-    triton_queue_timeout_ms: float = opt(10000.0, "--format triton: a request queued longer is rejected (ms).", gt=0)
-    triton_instances: int = opt(1, "--format triton: instances per model.", ge=1, le=64)
+    triton: TritonConfig = group(TritonConfig, "triton_")
+
+
+@dataclass
+class TrafficConfig:
+    """bench --task: real traffic, the whole dev set in batches."""
+
+    batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
+    max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
+    rounds: int = opt(3, "Real traffic: interleaved rounds (the median is reported), after an untimed pass "
+                         "over every distinct batch shape.", ge=1)
+
+
+@dataclass
+class BenchCalibrationConfig:
+    """bench --backend onnx-int8-static: its calibration texts."""
+
+    task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate it (default: --task).")
+    samples: int = opt(256, "onnx-int8-static: number of calibration texts.", ge=1)
 
 
 @dataclass
 class BenchConfig(Checked):
     """Latency / throughput sweep over batch x sequence, every backend, predecessor vs successor."""
 
-    models: tuple[str, ...] = opt((), "Model folder or hub id; repeat: the first is the predecessor, the others are compared "
-                            "with it. A config-only folder (e.g. ../shared/models/bert-base-uncased) gets random weights.",
-                        flag="--model", multiple=True)
+    models: tuple[str, ...] = opt((), "Model folder, export folder or hub id; repeat: the first is the predecessor, the "
+                                      "others are compared with it. An export folder is timed as it is (its own "
+                                      "artifacts); a config-only folder (e.g. a bert-base-uncased config) gets random "
+                                      "weights.", flag="--model", multiple=True)
     layers: tuple[int, ...] = opt((), "Random-init depth for the models (one value, or one per --model).", multiple=True, ge=1)
-    backends: tuple[str, ...] = opt((), "Backend(s) to time; repeat for several. Default: torch.", choices=_backends(),
-                          flag="--backend", multiple=True)
+    backends: tuple[str, ...] = opt((), "Backend(s) to time; repeat for several. Default: torch (an export folder: "
+                                        "every backend its manifest holds).", choices=_backends(),
+                                    flag="--backend", multiple=True)
     device: str = opt("cpu", "Device to run on.", choices=["cpu", "cuda"])
     batch_sizes: str = opt("1,8,32", "Comma-separated batch sizes.")
     seq_lens: str = opt("32,128,384", "Comma-separated sequence lengths.")
@@ -265,19 +383,14 @@ class BenchConfig(Checked):
     text_columns: str | None = opt(None, "--task custom: text column(s), a[,b].")
     label_column: str | None = opt(None, "--task custom: label column.")
     max_eval_samples: int | None = opt(None, "Real traffic: only the first N dev examples.", ge=1)
-    traffic_batch_size: int = opt(32, "Real traffic: batch size.", ge=1)
-    traffic_max_length: int = opt(128, "Fixed-padding length (and truncation).", ge=1)
+    traffic: TrafficConfig = group(TrafficConfig, "traffic_")
     seq_bucket: int = opt(32, "torch-compile*: pad sequences to a multiple of this (batches to a power of two), "
                               "so that the number of compiled graphs is bounded.", ge=1)
-    traffic_rounds: int = opt(3, "Real traffic: interleaved rounds (the median is reported), after an untimed pass "
-                                 "over every distinct batch shape.", ge=1)
-    calibration_task: str | None = opt(None, "onnx-int8-static: task whose training texts calibrate it (default: --task).")
-    calibration_samples: int = opt(256, "onnx-int8-static: number of calibration texts.", ge=1)
+    calibration: BenchCalibrationConfig = group(BenchCalibrationConfig, "calibration_")
     ort_session: str = opt("default", "ONNX Runtime CPU session options: default, or latency (intra-op threads = physical "
                                       "cores, inter-op 1, spinning, sequential; docs/bench.md 'CPU batch 1').",
                            choices=["default", "latency"])
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
-
 
 
 @dataclass
@@ -349,14 +462,18 @@ def _compose(cls, skip=(), only=None, defaults=None) -> list[tuple]:
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only):
             continue
-        default = (defaults or {}).get(f.name, f.default)
-        out.append((f.name, hints[f.name], field(default=default, metadata=f.metadata)))
+        if f.name in (defaults or {}) or f.default_factory is dataclasses.MISSING:
+            made = field(default=(defaults or {}).get(f.name, f.default), metadata=f.metadata)
+        else:  # a group: a fresh default per instance
+            made = field(default_factory=f.default_factory, metadata=f.metadata)
+        out.append((f.name, hints[f.name], made))
     return out
 
 
 @dataclass
 class _SweepOwn(Checked):
-    model: str = opt(None, "The fine-tuned predecessor (a model folder or hub id); always a candidate itself.")
+    model: str = opt(None, "The fine-tuned predecessor (a model folder or hub id); always a candidate itself.",
+                     resume=True)
     output: str = opt(None, "Sweep folder DIR: one sub-folder per stage; re-running with the same DIR reuses "
                             "finished stages; sweep.json, sweep.csv, report.md, pareto.png and best/.")
     depths: str | None = opt(None, "Comma-separated depths, the predecessor's own included (default: the predecessor, "
@@ -383,7 +500,7 @@ class _SweepOwn(Checked):
 SWEEP_COMPRESS_DEFAULTS = {"epochs": 1.0, "max_seq_length": 64}
 # min_steps / max_epochs only shape compress's default budget, which the sweep's explicit --epochs replaces.
 SWEEP_COMPRESS_SKIP = ("model", "output", "successor_layers", "resume", "overwrite", "min_steps", "max_epochs")
-SWEEP_EXPORT_FIELDS = ("opset", "atol", "int8_per_channel", "int8_reduce_range")
+SWEEP_EXPORT_FIELDS = ("opset", "atol", "int8")
 
 SweepConfig = dataclasses.make_dataclass(
     "SweepConfig",

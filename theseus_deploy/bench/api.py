@@ -1,4 +1,12 @@
-"""`run_bench`: resolve models and backends, build artifacts, sweep, traffic, report, gate."""
+"""`run_bench(cfg)`: resolve models and backends, get each backend's artifact, sweep, traffic, report, gate.
+
+What is timed is what ships: an export folder (manifest.json) is timed as it is, its own
+artifacts (listed, confined, sha256-checked by theseus_deploy.artifact), with the backends its
+manifest holds unless --backend names some of them; nothing is re-exported. A model folder with
+weights is exported on the fly for ONNX/TensorRT backends; a config-only folder (or --layers)
+gets random weights first, and only then does the report say "random weights". results.json
+records the sha256 of every artifact timed.
+"""
 from __future__ import annotations
 
 import shutil
@@ -6,10 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from theseus_deploy import config as C
+from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.errors import UsageError
-from theseus_deploy.io import locks_output
-
+from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output, sha256_file, write_json
 from theseus_deploy.registry import BACKENDS, export_format
+from theseus_deploy.runtime import precheck
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -27,7 +37,8 @@ def _has_weights(path: Path) -> bool:
 
 
 def resolve_models(models, layers, workdir: Path) -> list[dict]:
-    """Each --model as a folder with weights; config-only folders (or --layers) get random weights."""
+    """Each --model as a folder with weights, or an export folder timed as it is; config-only
+    folders (or --layers) get random weights."""
     from theseus_deploy.hf import build_random_classifier, check_model_source, load_config, load_tokenizer
 
     if len(models) < 1:
@@ -38,9 +49,12 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
     for i, m in enumerate(models):
         source = check_model_source(m)
         n = layers[i] if len(layers) == len(models) else (layers[0] if layers else None)
-        config = load_config(m)
         local = Path(source)
-        random_init = n is not None or (local.is_dir() and not _has_weights(local))
+        export = ExportFolder.read(local) if local.is_dir() and is_export_folder(local) else None
+        if export is not None and n is not None:
+            raise UsageError(f"--layers builds random weights; {m} is an export folder, timed as it is")
+        config = load_config(m)
+        random_init = export is None and (n is not None or (local.is_dir() and not _has_weights(local)))
         tag = f"{local.name if local.is_dir() else m.split('/')[-1]}-L{n or config.num_hidden_layers}"
         path = source
         if random_init:
@@ -50,7 +64,8 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
             load_tokenizer(m).save_pretrained(folder)
             path, config = str(folder), model.config
         role = "predecessor" if i == 0 else ("successor" if len(models) == 2 else f"successor-{i}")
-        out.append({"tag": tag, "path": path, "source": m, "random_init": random_init, "role": role, "config": config})
+        out.append({"tag": tag, "path": path, "source": m, "random_init": random_init, "role": role, "config": config,
+                    "export": export})
     tags = [o["tag"] for o in out]
     for o in out:
         if tags.count(o["tag"]) > 1:
@@ -59,79 +74,83 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
 
 
 def check_backends(backends, device: str):
-    from theseus_deploy.runtime import check_device
-
+    """Refuse, before any work, a backend that cannot run on `device` here (runner prechecks)."""
     for b in backends:
         if b not in BACKENDS:
             raise UsageError(f"unknown backend '{b}': choose from {', '.join(BACKENDS)}")
     for b in backends:
-        check_device(b, device)
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible on this machine")
-    if any(b.startswith("torch-compile") for b in backends):
-        from theseus_deploy.runtime import CompiledRunner
-
-        for b in backends:
-            if b.startswith("torch-compile"):
-                CompiledRunner.precheck(b, device)
-    if "trt" in backends:
-        from theseus_deploy.runtime import check_trt_available
-
-        check_trt_available()
-    if device == "cuda":  # say it now, not after every model was exported
-        from theseus_deploy.runtime import check_ort_provider
-
-        for b in backends:
-            if (BACKENDS[b].format or "").startswith("onnx"):
-                check_ort_provider(b)
+        precheck(b, device)
 
 
-@locks_output("output")
-def run_bench(models, output: str, layers=(), backends=("torch",), device: str = "cpu", batch_sizes="1,8,32",
-              seq_lens="32,128,384", warmup: int = 3, iterations: int = 10, min_seconds: float = 0.5, rounds: int = 5,
-              threads: int | None = None, check: str | None = None, tolerance: float = 0.1, task: str | None = None,
-              data_dir: str | None = None, max_eval_samples: int | None = None, traffic_batch_size: int = 32,
-              traffic_max_length: int = 128, traffic_rounds: int = 3, update_baseline: str | None = None,
-              train_file: str | None = None, validation_file: str | None = None, text_columns: str | None = None,
-              label_column: str | None = None, seq_bucket: int = 32, calibration_task: str | None = None,
-              calibration_samples: int = 256, ort_session: str = "default",
-              overwrite: bool = False, show_progress: bool = True) -> dict:
-    from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
+def model_backends(spec: dict, asked: list, device: str) -> list:
+    """The backends timed for one model: an export folder's own (those --backend names, else every
+    one its manifest holds that runs on `device`); a model folder: --backend, default torch."""
+    export = spec["export"]
+    if export is None:
+        return asked or ["torch"]
+    have = export.backends
+    if asked:
+        missing = [b for b in asked if b not in have]
+        if missing:
+            raise UsageError(f"{spec['source']} is an export folder; its manifest holds no artifact for "
+                             f"{', '.join(missing)} (it holds: {', '.join(have) or 'none'}): time its own backends, "
+                             "or give the model folder to export on the fly")
+        return asked
+    runnable = [b for b in have if device in BACKENDS[b].devices]
+    if not runnable:
+        raise UsageError(f"{spec['source']}: no artifact of its manifest ({', '.join(export.formats) or 'none'}) "
+                         f"runs on --device {device}")
+    return runnable
 
-    backends = list(dict.fromkeys(backends or ["torch"]))
-    bs, ss = parse_ints(batch_sizes, "--batch-sizes"), parse_ints(seq_lens, "--seq-lens")
-    if iterations < 1 or rounds < 1 or warmup < 0:
-        raise UsageError("--iterations and --rounds must be at least 1, --warmup at least 0")
-    if not 0 <= tolerance < 1:
-        raise UsageError(f"--tolerance must be in [0, 1), got {tolerance}")
-    check_backends(backends, device)
-    if check and not Path(check).is_file():
-        raise UsageError(f"baseline not found: {check}")
-    static_kw = {}
-    if "onnx-int8-static" in backends:  # calibration texts: the training split of --calibration-task / --task
-        if not (calibration_task or task):
-            raise UsageError("backend onnx-int8-static needs calibration texts: give --calibration-task (or --task)")
-        static_kw = {"calibration_task": calibration_task or task, "calibration_samples": calibration_samples,
-                     "data_dir": data_dir}
-        if static_kw["calibration_task"] == "custom":  # the user's files: the texts the traffic times
-            static_kw.update(calibration_file=train_file or validation_file, calibration_text_columns=text_columns)
-    check_output_dir(output, overwrite, protected=[*models, check, data_dir, train_file, validation_file])
-    data = None
-    if task:
-        from theseus_deploy.data import load_task
 
-        if task == "custom" and not train_file:
-            train_file = validation_file  # only the texts are timed: the labels need no training file
-        data = load_task(task, data_dir, "dev", max_eval_samples, train_file, validation_file, text_columns, label_column)
+@locks_output("cfg.output")
+def run_bench(cfg, show_progress: bool = True) -> dict:
+    """The whole bench of a BenchConfig; returns results.json's content (with `gate` when --check)."""
+    asked = list(dict.fromkeys(cfg.backends))
+    bs, ss = parse_ints(cfg.batch_sizes, "--batch-sizes"), parse_ints(cfg.seq_lens, "--seq-lens")
+    check_backends(asked or ["torch"], cfg.device)
+    if cfg.check and not Path(cfg.check).is_file():
+        raise UsageError(f"baseline not found: {cfg.check}")
+    task, train_file = cfg.task, cfg.train_file
+    check_output_dir(cfg.output, cfg.overwrite,
+                     protected=[*cfg.models, cfg.check, cfg.data_dir, train_file, cfg.validation_file])
+    work = Path(tempfile.mkdtemp(prefix="theseus-bench-"))
+    try:
+        specs = resolve_models(list(cfg.models), list(cfg.layers), work)
+        for sp in specs:
+            sp["backends"] = model_backends(sp, asked, cfg.device)
+            check_backends(sp["backends"], cfg.device)
+        backends = list(dict.fromkeys(b for sp in specs for b in sp["backends"]))
+        static_kw = {}
+        builds_static = any(sp["export"] is None and "onnx-int8-static" in sp["backends"] for sp in specs)
+        if builds_static:  # calibration texts: the training split of --calibration-task / --task
+            cal = cfg.calibration
+            if not (cal.task or task):
+                raise UsageError("backend onnx-int8-static needs calibration texts: give --calibration-task (or --task)")
+            static_kw = {"calibration_task": cal.task or task, "calibration_samples": cal.samples, "data_dir": cfg.data_dir}
+            if static_kw["calibration_task"] == "custom":  # the user's files: the texts the traffic times
+                static_kw.update(calibration_file=train_file or cfg.validation_file,
+                                 calibration_text_columns=cfg.text_columns)
+        data = None
+        if task:
+            from theseus_deploy.data import load_task
 
+            if task == "custom" and not train_file:
+                train_file = cfg.validation_file  # only the texts are timed: the labels need no training file
+            data = load_task(task, cfg.data_dir, "dev", cfg.max_eval_samples, train_file, cfg.validation_file,
+                             cfg.text_columns, cfg.label_column)
+        return _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -> dict:
     import torch
     from tqdm.auto import tqdm
 
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.runtime import load_runner, torch_runner
+    from theseus_deploy.hf import load_tokenizer, max_positions
+    from theseus_deploy.runtime import load_runner
 
     from . import gate as G
     from .env import environment
@@ -139,86 +158,95 @@ def run_bench(models, output: str, layers=(), backends=("torch",), device: str =
     from .sweep import Entry, run_sweep, speedups
     from .traffic import run_traffic
 
+    threads, device, traffic_cfg = cfg.threads, cfg.device, cfg.traffic
     if threads:
         torch.set_num_threads(threads)
-    work = Path(tempfile.mkdtemp(prefix="theseus-bench-"))
-    try:
-        specs = resolve_models(list(models), list(layers), work)
-        max_seq = max(ss + ([traffic_max_length] if data else []))
-        for sp in specs:
-            from theseus_deploy.hf import max_positions
+    max_seq = max(ss + ([traffic_cfg.max_length] if data else []))
+    for sp in specs:
+        cfg_max = max_positions(sp["config"]) or max_seq
+        if max_seq > cfg_max:
+            raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max})")
+        if sp["export"] is not None:
+            prof = (sp["export"].manifest.get("profile") or {}).get("max")
+            if prof and (max(bs + ([traffic_cfg.batch_size] if data else [])) > prof[0] and "trt" in sp["backends"]
+                         or max_seq > prof[1]):
+                raise UsageError(f"{sp['source']}: the shapes asked for exceed the export's profile "
+                                 f"(max batch {prof[0]}, sequence {prof[1]})")
+    entries, artifacts = [], []
+    for sp in specs:
+        formats = list(dict.fromkeys(export_format(b) for b in sp["backends"] if export_format(b)))
+        folder = sp["export"].path if sp["export"] is not None else None
+        built = False
+        if formats and folder is None:
+            folder = work / "artifacts" / sp["tag"]
+            export_model(C.ExportConfig.of(model=sp["path"], formats=tuple(formats), output=str(folder),
+                                           max_batch_size=max(bs + [traffic_cfg.batch_size]), max_seq_length=max_seq,
+                                           threads=threads, **static_kw))
+            built = True
+        for b in sp["backends"]:
+            if export_format(b) is None:
+                runner = load_runner(sp["path"], b, device, threads, seq_bucket=cfg.seq_bucket)
+            else:
+                runner = load_runner(str(folder), b, device, threads, session_config=cfg.ort_session)
+                runner.vocab_size = sp["config"].vocab_size
+                art = ExportFolder.read(folder).artifact(export_format(b))
+                artifacts.append({"model": sp["tag"], "backend": b, "format": art.format, "file": art.file,
+                                  "sha256": sha256_file(runner.path if hasattr(runner, "path") else folder / art.file),
+                                  "manifest_sha256": art.sha256,
+                                  "source": "built by bench" if built else f"export folder {sp['source']}"})
+            entries.append(Entry(sp["tag"], sp["role"], b, runner, sp["config"]))
+    shapes = [(b, s) for b in bs for s in ss]
+    compiled = {}
+    for e in entries:  # torch-compile*: compile every bucket of the sweep now, not in a timed call
+        if hasattr(e.runner, "compiled_buckets"):
+            t = time.time()
+            compiled[e.key] = {"buckets": [list(x) for x in e.runner.warmup(shapes)],
+                               "compile_seconds": round(time.time() - t, 1),
+                               "cudagraph_skipped": [list(x) for x in e.runner.cudagraph_skipped]}
+    total = len(shapes) * cfg.rounds * len(entries) + (2 * len(entries) * traffic_cfg.rounds if data else 0)
+    progress = tqdm(total=total, desc="bench", disable=not show_progress, dynamic_ncols=True)
+    t0 = time.time()
+    cells = run_sweep(entries, shapes, device, cfg.warmup, cfg.iterations, cfg.min_seconds, cfg.rounds, progress)
+    traffic = None
+    if data is not None:
+        traffic = run_traffic(entries, load_tokenizer(specs[0]["path"]), data.texts, traffic_cfg.batch_size,
+                              traffic_cfg.max_length, traffic_cfg.rounds, progress)
+    progress.close()
+    for e in entries:  # traffic's warm-up may have compiled more buckets (its padded widths)
+        if e.key in compiled:
+            compiled[e.key]["buckets"] = [list(x) for x in e.runner.compiled_buckets]
+            compiled[e.key]["cudagraph_skipped"] = [list(x) for x in e.runner.cudagraph_skipped]
+    config = {"models": list(cfg.models), "layers": list(cfg.layers), "backends": backends, "device": device,
+              "batch_sizes": bs, "seq_lens": ss, "warmup": cfg.warmup, "iterations": cfg.iterations,
+              "min_seconds": cfg.min_seconds, "rounds": cfg.rounds, "threads": threads or torch.get_num_threads(),
+              "task": cfg.task, "data_dir": cfg.data_dir, "max_eval_samples": cfg.max_eval_samples,
+              "traffic_batch_size": traffic_cfg.batch_size, "traffic_max_length": traffic_cfg.max_length,
+              "traffic_rounds": traffic_cfg.rounds,
+              "check": cfg.check, "tolerance": cfg.tolerance, "seq_bucket": cfg.seq_bucket, "ort_session": cfg.ort_session,
+              "calibration": static_kw or None}
+    models = []
+    for s in specs:
+        rec = {k: v for k, v in s.items() if k not in ("config", "export")}
+        rec["config"] = s["config"].to_dict()
+        rec["export_folder"] = s["export"] is not None
+        models.append(rec)
+    results = {"config": config, "environment": environment(threads), "models": models, "artifacts": artifacts,
+               "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,
+               "compiled": compiled or None, "seconds": round(time.time() - t0, 1)}
+    if cfg.check:
+        results["gate"] = {"baseline": cfg.check, "tolerance": cfg.tolerance,
+                           "failures": G.check(results, cfg.check, cfg.tolerance), "ratios": G.ratios(results)}
+    with atomic_output_dir(cfg.output, cfg.overwrite, protected=cfg.models) as tmp:
+        write_json(tmp / "results.json", results)
+        write_csv(cells, tmp / "results.csv")
+        (tmp / "report.md").write_text(markdown(results))
+        results["plots"] = plots(results, tmp)
+        if not results["plots"]:
+            with open(tmp / "report.md", "a") as f:
+                f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
+                        "results.json DIR draws them elsewhere).\n")
+        write_json(tmp / "config.json", config)
+    if cfg.update_baseline:
+        write_json(cfg.update_baseline, G.baseline_from(results))
+    return results
 
-            cfg_max = max_positions(sp["config"]) or max_seq
-            if max_seq > cfg_max:
-                raise UsageError(f"--seq-lens {max_seq} exceeds what {sp['tag']} supports ({cfg_max})")
-        entries = []
-        onnx_formats = list(dict.fromkeys(export_format(b) for b in backends if export_format(b)))
-        for sp in specs:
-            art_dir = None
-            if onnx_formats:
-                art_dir = work / "artifacts" / sp["tag"]
-                export_model(sp["path"], onnx_formats, str(art_dir), max_batch_size=max(bs + [traffic_batch_size]),
-                             max_seq_length=max_seq, threads=threads, **static_kw)
-            for b in backends:
-                if export_format(b) is None:
-                    from theseus_deploy.hf import load_classifier
-
-                    runner = torch_runner(load_classifier(sp["path"]), b, device, threads, seq_bucket)
-                else:
-                    runner = load_runner(str(art_dir), b, device, threads, session_config=ort_session)
-                    runner.vocab_size = sp["config"].vocab_size
-                entries.append(Entry(sp["tag"], sp["role"], b, runner, sp["config"]))
-        shapes = [(b, s) for b in bs for s in ss]
-        compiled = {}
-        for e in entries:  # torch-compile*: compile every bucket of the sweep now, not in a timed call
-            if hasattr(e.runner, "compiled_buckets"):
-                t = time.time()
-                compiled[e.key] = {"buckets": [list(x) for x in e.runner.warmup(shapes)],
-                                   "compile_seconds": round(time.time() - t, 1),
-                                   "cudagraph_skipped": [list(x) for x in e.runner.cudagraph_skipped]}
-        total = len(shapes) * rounds * len(entries) + (2 * len(entries) * traffic_rounds if data else 0)
-        progress = tqdm(total=total, desc="bench", disable=not show_progress, dynamic_ncols=True)
-        t0 = time.time()
-        cells = run_sweep(entries, shapes, device, warmup, iterations, min_seconds, rounds, progress)
-        traffic = None
-        if data is not None:
-            from theseus_deploy.hf import load_tokenizer
-
-            traffic = run_traffic(entries, load_tokenizer(specs[0]["path"]), data.texts, traffic_batch_size,
-                                  traffic_max_length, traffic_rounds, progress)
-        progress.close()
-        for e in entries:  # traffic's warm-up may have compiled more buckets (its padded widths)
-            if e.key in compiled:
-                compiled[e.key]["buckets"] = [list(x) for x in e.runner.compiled_buckets]
-                compiled[e.key]["cudagraph_skipped"] = [list(x) for x in e.runner.cudagraph_skipped]
-        config = {"models": list(models), "layers": list(layers), "backends": backends, "device": device,
-                  "batch_sizes": bs, "seq_lens": ss, "warmup": warmup, "iterations": iterations,
-                  "min_seconds": min_seconds, "rounds": rounds, "threads": threads or torch.get_num_threads(),
-                  "task": task, "data_dir": data_dir, "max_eval_samples": max_eval_samples,
-                  "traffic_batch_size": traffic_batch_size, "traffic_max_length": traffic_max_length,
-                  "traffic_rounds": traffic_rounds,
-                  "check": check, "tolerance": tolerance, "seq_bucket": seq_bucket, "ort_session": ort_session,
-                  "calibration": static_kw or None}
-        results = {"config": config, "environment": environment(threads),
-                   "models": [{k: (v if k != "config" else v.to_dict()) for k, v in s.items()} for s in specs],
-                   "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,
-                   "compiled": compiled or None,
-                   "seconds": round(time.time() - t0, 1)}
-        if check:
-            results["gate"] = {"baseline": check, "tolerance": tolerance,
-                               "failures": G.check(results, check, tolerance), "ratios": G.ratios(results)}
-        with atomic_output_dir(output, overwrite, protected=models) as tmp:
-            write_json(tmp / "results.json", results)
-            write_csv(cells, tmp / "results.csv")
-            (tmp / "report.md").write_text(markdown(results))
-            results["plots"] = plots(results, tmp)
-            if not results["plots"]:
-                with open(tmp / "report.md", "a") as f:
-                    f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
-                            "results.json DIR draws them elsewhere).\n")
-            write_json(tmp / "config.json", config)
-        if update_baseline:
-            write_json(update_baseline, G.baseline_from(results))
-        return results
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -10,15 +10,11 @@ from theseus_deploy.registry import BACKENDS
 @options_from(C.BenchConfig, required=("models", "output"))
 def bench(**kwargs):
     """Latency / throughput sweep over batch x sequence, every backend, predecessor vs successor."""
-    import dataclasses
-
     from theseus_deploy.bench.api import run_bench
 
-    cfg = C.BenchConfig(**kwargs)
-    args = dataclasses.asdict(cfg)
-    models, output, check = args.pop("models"), args.pop("output"), args.pop("check")
-    results = run_bench(models, output, check=check, **args)
-    click.echo((click.open_file(f"{output}/report.md").read()))
+    cfg = C.BenchConfig.of(**kwargs)
+    results = run_bench(cfg)
+    click.echo((click.open_file(f"{cfg.output}/report.md").read()))
     gate = results.get("gate")
     if gate and gate["failures"]:
         for f in gate["failures"]:

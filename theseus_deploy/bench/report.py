@@ -30,7 +30,21 @@ def markdown(results: dict) -> str:
            f"Device {cfg['device']} ({env.get('gpu') or env.get('cpu')}), threads {env.get('torch_threads')}, "
            f"{cfg['rounds']} interleaved rounds, >= {cfg['iterations']} iterations and {cfg['min_seconds']} s per cell "
            f"after {cfg['warmup']} warm-up calls. Speedups are medians of paired per-round ratios [min-max].", "",
-           "## Latency per backend (ms, p50 / p90 / p99)", "",
+           "## Models", "", "| model | role | layers | weights |", "|---|---|---|---|"]
+    for m in results["models"]:
+        if m.get("random_init"):
+            what = "random weights (built by bench from the config)"
+        elif m.get("export_folder"):
+            what = "export folder: its own artifacts, as shipped"
+        else:
+            what = "the model folder's weights" + (" (ONNX/TensorRT artifacts exported by bench)"
+                                                   if any(a["model"] == m["tag"] for a in results.get("artifacts") or []) else "")
+        out.append(f"| {m['tag']} | {m['role']} | {m['config'].get('num_hidden_layers')} | {what} |")
+    if results.get("artifacts"):
+        out += ["", "## Artifacts timed", "", "| model | backend | file | sha256 | from |", "|---|---|---|---|---|"]
+        out += [f"| {a['model']} | {a['backend']} | {a['file']} | {a['sha256'][:16]} | {a['source']} |"
+                for a in results["artifacts"]]
+    out += ["", "## Latency per backend (ms, p50 / p90 / p99)", "",
            "| model | layers | backend | batch | seq | p50 | p90 | p99 | seq/s |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         lat = c["latency_s"]

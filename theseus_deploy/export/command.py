@@ -1,42 +1,38 @@
-"""`theseus-deploy export`: options from `ExportConfig`; the work is in theseus_deploy.export.api."""
+"""`theseus-deploy export`: options from `ExportConfig`; the work is in theseus_deploy.export.api
+(formats) and the registry's writers (`--format triton`: theseus_deploy.export.triton)."""
+import json
+
 import click
 
 from theseus_deploy import config as C
 from theseus_deploy.cli import options_from
-from theseus_deploy.registry import FORMATS
+from theseus_deploy.errors import UsageError
+from theseus_deploy.registry import FORMATS, WRITERS, load
 
 
-@click.command(name="export", epilog="Formats: " + "; ".join(f"{f.name}: {f.help}" for f in FORMATS.values()))
+@click.command(name="export", epilog="Formats: " + "; ".join(f"{f.name}: {f.help}" for f in [*FORMATS.values(), *WRITERS.values()]))
 @options_from(C.ExportConfig, required=("model", "formats", "output"))
 def export(**kwargs):
     """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
-    import dataclasses
-    import json
-
-    from theseus_deploy.errors import UsageError
     from theseus_deploy.export.api import export_model
     from theseus_deploy.export.validate import ValidationError
 
-    cfg = C.ExportConfig(**kwargs)
-    args = dataclasses.asdict(cfg)
-    model, formats, output = args.pop("model"), args.pop("formats"), args.pop("output")
-    triton = {k[len("triton_"):]: args.pop(k) for k in list(args) if k.startswith("triton_")}
-    if "triton" in formats:  # a model repository of the other formats (theseus_deploy.export.triton)
-        from theseus_deploy.export.triton import export_repository
-
-        max_batch_size = args.pop("max_batch_size")
-        try:
-            repo = export_repository(model, output, formats, max_batch_size=max_batch_size, **triton, **args)
-        except ValidationError as e:
-            raise UsageError(f"validation failed, nothing written: {e}") from None
-        for line in repo["validation"]:
-            click.echo(f"ok  {line}")
-        click.echo(f"wrote the Triton model repository {output} (entry point: {', '.join(repo['entry_points'])})")
-        return
+    cfg = C.ExportConfig.of(**kwargs)
+    writers = [f for f in cfg.formats if f in WRITERS]
+    if len(writers) > 1:
+        raise UsageError(f"give one of --format {', '.join(WRITERS)}, got {', '.join(writers)}")
     try:
-        manifest = export_model(model, formats, output, **args)
+        if writers:  # a serving layout of the other formats (e.g. a Triton model repository)
+            repo = load(WRITERS[writers[0]].writer)(cfg)
+        else:
+            manifest = export_model(cfg)
     except ValidationError as e:
         raise UsageError(f"validation failed, nothing written: {e}") from None
+    if writers:
+        for line in repo["validation"]:
+            click.echo(f"ok  {line}")
+        click.echo(f"wrote the Triton model repository {cfg.output} (entry point: {', '.join(repo['entry_points'])})")
+        return
     for a in manifest["artifacts"]:
         v = a.get("validation", {})
         worst = max((s["max_abs_diff"] for s in v.get("shapes", [])), default=None)
@@ -51,4 +47,4 @@ def export(**kwargs):
         if a.get("fused_ops"):
             line += "  fused " + json.dumps({k: v for k, v in a["fused_ops"].items() if v})
         click.echo(line)
-    click.echo(f"wrote {output}/manifest.json")
+    click.echo(f"wrote {cfg.output}/manifest.json")

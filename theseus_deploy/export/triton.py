@@ -1,4 +1,5 @@
-"""`theseus-deploy export --format triton`: a Triton model repository, validated offline.
+"""`theseus-deploy export --format triton`: a Triton model repository, validated offline (the
+`triton` writer of theseus_deploy/registry.py, beside the formats).
 
     REPO/
       text_classifier/              ensemble: text -> label, score (what clients call)
@@ -20,6 +21,7 @@ inputs/outputs compared with its graph, and every ensemble step wired to tensors
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -109,16 +111,20 @@ def model_configs(manifest: dict, artifacts: list[str], num_labels: int, max_bat
     return cfgs
 
 
-def export_repository(model: str, output: str, formats=(), max_batch_size: int = 32, max_length: int = 128,
-                      max_queue_delay_ms: float = 2.0, max_queue_size: int = 256, queue_timeout_ms: float = 10000.0,
-                      instances: int = 1, overwrite: bool = False, **export_kwargs) -> dict:
-    """Write a Triton model repository from a model folder (exported first: `formats`, default
-    onnx-int8) or from an export folder (its artifacts), then validate it offline."""
+def export_repository(cfg) -> dict:
+    """The `triton` writer (theseus_deploy/registry.py): write a Triton model repository from a model
+    folder (exported first: the config's other formats, default onnx-int8) or from an export folder
+    (its artifacts), then validate it offline. `cfg`: the ExportConfig (`cfg.triton`: batching)."""
     from theseus_deploy.hf import load_config, load_tokenizer
     from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
+    from theseus_deploy.registry import WRITERS
 
+    t = cfg.triton
+    model, output, overwrite, max_batch_size = cfg.model, cfg.output, cfg.overwrite, cfg.profile.max_batch_size
+    max_length, max_queue_delay_ms, max_queue_size = t.max_length, t.max_queue_delay_ms, t.max_queue_size
+    queue_timeout_ms, instances = t.queue_timeout_ms, t.instances
     src = Path(model)
-    formats = [f for f in formats if f != "triton"]
+    formats = [f for f in cfg.formats if f not in WRITERS]
     unknown = [f for f in formats if f not in CLASSIFIERS]
     if unknown:
         raise UsageError(f"--format triton packages {', '.join(CLASSIFIERS)}; not {', '.join(unknown)}")
@@ -126,7 +132,7 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
         raise UsageError(f"{model} is not a model folder or an export folder (no config.json)")
     if max_length < 8:
         raise UsageError(f"--triton-max-length must be at least 8, got {max_length}")
-    protected = [model, export_kwargs.get("data_dir"), export_kwargs.get("calibration_file")]
+    protected = [model, cfg.data_dir, cfg.calibration.file]
     check_output_dir(output, overwrite, protected=protected)  # never the source model, even with --overwrite
     from theseus_deploy.deps import require
 
@@ -137,8 +143,8 @@ def export_repository(model: str, output: str, formats=(), max_batch_size: int =
             export_dir = src
         else:
             export_dir = tmp / ".export"
-            export_model(str(src), formats or ["onnx-int8"], str(export_dir), max_batch_size=max_batch_size,
-                         **export_kwargs)
+            export_model(dataclasses.replace(cfg, formats=tuple(formats or WRITERS["triton"].default_formats),
+                                             output=str(export_dir), overwrite=False))
         folder = ExportFolder.read(export_dir)
         manifest = folder.manifest
         have = {a.format: a for a in folder.artifacts if a.file}

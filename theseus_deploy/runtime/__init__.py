@@ -12,11 +12,11 @@ onnxruntime, tensorrt and torch are imported inside the functions that need them
 """
 from .base import Runner, check_device, random_inputs
 from .classifier import TextClassifier
-from .loader import load_runner, torch_runner
+from .loader import load_runner, precheck, torch_runner
 from .ort import ORT_SESSION_CONFIGS, OrtRunner, check_ort_provider, ort_session_options, physical_cores
 from .pytorch import CompiledRunner, TorchRunner, check_compiler, cpu_has_bf16
 from .trt import TrtRunner, check_trt_available
 
-__all__ = ["Runner", "check_device", "random_inputs", "TextClassifier", "load_runner", "torch_runner",
+__all__ = ["Runner", "check_device", "random_inputs", "TextClassifier", "load_runner", "precheck", "torch_runner",
            "ORT_SESSION_CONFIGS", "OrtRunner", "check_ort_provider", "ort_session_options", "physical_cores",
            "CompiledRunner", "TorchRunner", "check_compiler", "cpu_has_bf16", "TrtRunner", "check_trt_available"]

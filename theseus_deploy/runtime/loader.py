@@ -12,18 +12,23 @@ from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import load_classifier, load_config
 from theseus_deploy.registry import BACKENDS
 
-from .base import Runner, check_device
-from .ort import OrtRunner
-from .pytorch import CompiledRunner, TorchRunner
-from .trt import TrtRunner
+from .base import Runner
 
 
 def torch_runner(model, backend: str, device: str = "cpu", threads: int | None = None,
-                 seq_bucket: int = 32) -> TorchRunner:
+                 seq_bucket: int = 32) -> Runner:
     """The runner of a PyTorch backend (eager or compiled) over a loaded model."""
-    if backend in CompiledRunner.DTYPES:
-        return CompiledRunner(model, backend, device, threads, seq_bucket)
-    return TorchRunner(model, backend, device, threads)
+    spec = BACKENDS[backend]
+    return spec.runner_class().open(spec, model, device, threads, seq_bucket=seq_bucket)
+
+
+def precheck(backend: str, device: str) -> None:
+    """Refuse, before anything is built or loaded, a backend this machine cannot run on `device`
+    (unknown backend, wrong device, no GPU, no C++ compiler, no execution provider, no TensorRT)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
+    spec = BACKENDS[backend]
+    spec.runner_class().precheck(spec, device)
 
 
 def load_runner(model: str, backend: str, device: str = "cpu", threads: int | None = None,
@@ -36,25 +41,20 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
     explicit file instead (the caller's own choice; no manifest is read).
     `seq_bucket`: torch-compile* pad sequences to a multiple of it (batches to a power of two).
     `session_config`: ONNX Runtime session options (`ort_session_options`: default or latency)."""
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
-    check_device(backend, device)
-    fmt = BACKENDS[backend].format
-    if fmt is None:
-        if backend in CompiledRunner.DTYPES:  # say it before loading the weights
-            CompiledRunner.precheck(backend, device)
-        return torch_runner(load_classifier(model), backend, device, threads, seq_bucket)
+    precheck(backend, device)  # say it before loading the weights
+    spec = BACKENDS[backend]
+    cls = spec.runner_class()
+    if spec.format is None:
+        return cls.open(spec, load_classifier(model), device, threads, seq_bucket=seq_bucket)
     if artifact:
         path = Path(artifact)
         if not path.is_file():
             raise UsageError(f"no {backend} artifact for {model}: {artifact} does not exist")
     elif is_export_folder(model):
-        path = ExportFolder.read(model).resolve(fmt, verify_hash)
+        path = ExportFolder.read(model).resolve(spec.format, verify_hash)
     else:
         raise UsageError(f"no {backend} artifact for {model} (not an export folder: no manifest.json): "
-                         f"run `theseus-deploy export --format {fmt}` first")
-    if backend == "trt":
-        return TrtRunner(path, device=device)
+                         f"run `theseus-deploy export --format {spec.format}` first")
     vocab = getattr(load_config(model), "vocab_size", 30522) if (Path(model) / "config.json").is_file() else 30522
-    return OrtRunner(path, backend, device, threads, vocab, folder=None if artifact else Path(model),
-                     session_config=session_config)
+    return cls.open(spec, path, device, threads=threads, vocab_size=vocab, folder=None if artifact else Path(model),
+                    session_config=session_config)

@@ -8,6 +8,7 @@ import numpy as np
 from theseus_deploy.errors import UsageError
 
 from theseus_deploy.artifact import ExportFolder, is_export_folder
+from theseus_deploy.registry import BACKENDS
 
 from .base import Runner, check_device
 
@@ -33,12 +34,15 @@ class OrtRunner(Runner):
                  vocab_size: int = 30522, folder: Path | None = None, session_config: str = "default"):
         import onnxruntime as ort
 
-        opts = ort_session_options(session_config, threads)
+        spec = BACKENDS.get(backend)  # None: a format validated on the CPU session (onnx-fp16-trt)
+        options = spec.options if spec is not None else {}
+        opts = self.session_options(session_config, threads, options)
+        need = None
         if device == "cuda":
             need = check_ort_provider(backend)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if backend == "onnx-trt-ep":  # the plain fp16 graph: TensorRT takes all of it
-                providers.insert(0, ("TensorrtExecutionProvider", _trt_ep_options(Path(path), folder)))
+            if need == "TensorrtExecutionProvider":  # the plain fp16 graph: TensorRT takes all of it
+                providers.insert(0, (need, _trt_ep_options(Path(path), folder)))
         else:
             check_device(backend, device)
             providers = ["CPUExecutionProvider"]
@@ -51,6 +55,26 @@ class OrtRunner(Runner):
         self.backend, self.device, self.name = backend, device, f"{backend}@{device}"
         self.vocab_size = vocab_size
         self.path = Path(path)
+
+    @staticmethod
+    def session_options(config: str, threads: int | None, options: dict):
+        """The session options of this runner (a backend entry may set `graph_optimization` or
+        `execution_mode` in its options; see `ort_session_options`)."""
+        return ort_session_options(config, threads, graph_optimization=options.get("graph_optimization", "all"),
+                                   execution_mode=options.get("execution_mode"))
+
+    @classmethod
+    def precheck(cls, spec, device: str) -> None:
+        """Device, and on CUDA the execution provider, before anything is exported or loaded."""
+        check_device(spec.name, device)
+        if device == "cuda":
+            check_ort_provider(spec.name)
+
+    @classmethod
+    def open(cls, spec, path, device: str = "cpu", threads: int | None = None, vocab_size: int = 30522,
+             folder=None, session_config: str = "default", **options) -> "OrtRunner":
+        """The runner over an artifact file (what `load_runner` calls for an ONNX backend)."""
+        return cls(path, spec.name, device, threads, vocab_size, folder=folder, session_config=session_config)
 
     def encode(self, encoded: dict):
         feeds = {n: np.ascontiguousarray(np.asarray(encoded[n], dtype=np.int64)) for n in self.input_names}
@@ -92,10 +116,18 @@ def physical_cores() -> int:
     return max(1, min(n or avail, avail))
 
 
-def ort_session_options(config: str = "default", threads: int | None = None):
+GRAPH_OPTIMIZATION = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "all": "ORT_ENABLE_ALL"}
+EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
+
+
+def ort_session_options(config: str = "default", threads: int | None = None, graph_optimization: str = "all",
+                        execution_mode: str | None = None):
     """ONNX Runtime session options.
 
     default: full graph optimisation; `threads` (if given) intra-op threads and one inter-op thread.
+    `graph_optimization` (none, basic, extended, all) and `execution_mode` (sequential, parallel)
+    come from a backend entry's options (theseus_deploy/registry.py).
     latency: what a batch-1 caller wants: intra-op threads = physical cores (or `threads`),
     inter-op 1, sequential execution, spinning worker threads kept on
     (`session.intra_op.allow_spinning`), `session.dynamic_block_base` 4 (smaller, self-balancing
@@ -107,8 +139,12 @@ def ort_session_options(config: str = "default", threads: int | None = None):
 
     if config not in ORT_SESSION_CONFIGS:
         raise UsageError(f"unknown ONNX Runtime session config '{config}' ({', '.join(ORT_SESSION_CONFIGS)})")
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise UsageError(f"unknown graph optimisation '{graph_optimization}' ({', '.join(GRAPH_OPTIMIZATION)})")
+    if execution_mode is not None and execution_mode not in EXECUTION_MODES:
+        raise UsageError(f"unknown execution mode '{execution_mode}' ({', '.join(EXECUTION_MODES)})")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[graph_optimization])
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -119,6 +155,8 @@ def ort_session_options(config: str = "default", threads: int | None = None):
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1")
         opts.add_session_config_entry("session.dynamic_block_base", "4")
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if execution_mode is not None:
+        opts.execution_mode = getattr(ort.ExecutionMode, EXECUTION_MODES[execution_mode])
     return opts
 
 
@@ -126,11 +164,12 @@ def check_ort_provider(backend: str) -> str:
     """The execution provider an ONNX backend needs on CUDA; UsageError if ONNX Runtime lacks it."""
     import onnxruntime as ort
 
-    need = "TensorrtExecutionProvider" if backend == "onnx-trt-ep" else "CUDAExecutionProvider"
+    spec = BACKENDS.get(backend)
+    need = (spec.options if spec is not None else {}).get("provider", "CUDAExecutionProvider")
     have = ort.get_available_providers()
     if need not in have:
         raise UsageError(f"backend {backend} on --device cuda needs ONNX Runtime's {need} "
-                         f"(pip install -e .[{'trt' if backend == 'onnx-trt-ep' else 'gpu'}], and uninstall the "
+                         f"(pip install -e .[{'trt' if need == 'TensorrtExecutionProvider' else 'gpu'}], and uninstall the "
                          f"CPU-only onnxruntime package); available providers: {', '.join(have)}")
     return need
 

@@ -6,6 +6,7 @@ import numpy as np
 from theseus_deploy.arch import max_positions
 from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import model_input_names
+from theseus_deploy.registry import BACKENDS
 
 from .base import Runner, check_device
 
@@ -13,22 +14,32 @@ from .base import Runner, check_device
 class TorchRunner(Runner):
     """PyTorch eager, fp32 / bf16 / fp16, CPU or CUDA."""
 
-    DTYPES = {"torch": "float32", "torch-bf16": "bfloat16", "torch-fp16": "float16"}
-
     def __init__(self, model, backend: str = "torch", device: str = "cpu", threads: int | None = None):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-        check_device(backend, device)
+        type(self).precheck(BACKENDS[backend], device)
         self.torch = torch
-        self.dtype = getattr(torch, self.DTYPES[backend])
+        self.dtype = getattr(torch, BACKENDS[backend].dtype)
         self.model = model.to(device=device, dtype=self.dtype).eval()
         self.backend, self.device, self.name = backend, device, f"{backend}@{device}"
         self.input_names = model_input_names(model)
         self.vocab_size = model.config.vocab_size
+
+    @classmethod
+    def precheck(cls, spec, device: str) -> None:
+        """Everything that can be refused before a model is loaded."""
+        import torch
+
+        check_device(spec.name, device)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+
+    @classmethod
+    def open(cls, spec, model, device: str = "cpu", threads: int | None = None, **options) -> "TorchRunner":
+        """The runner over a loaded model (what `load_runner` calls for a backend with format None)."""
+        return cls(model, spec.name, device, threads)
 
     def encode(self, encoded: dict):
         return {n: self.torch.as_tensor(np.asarray(encoded[n]), dtype=self.torch.long, device=self.device)
@@ -103,7 +114,6 @@ class CompiledRunner(TorchRunner):
     `warmup(shapes)` compiles the buckets of the named shapes; any other bucket compiles on first use.
     """
 
-    DTYPES = {"torch-compile": "float32", "torch-compile-bf16": "bfloat16", "torch-compile-fp16": "float16"}
     MAX_BATCH_BUCKET = 1024  # for sizing dynamo's recompile limit only; larger batches still work
 
     def __init__(self, model, backend: str = "torch-compile", device: str = "cpu", threads: int | None = None,
@@ -112,8 +122,7 @@ class CompiledRunner(TorchRunner):
 
         if seq_bucket < 1:
             raise UsageError(f"--seq-bucket must be at least 1, got {seq_bucket}")
-        self.precheck(backend, device)
-        super().__init__(model, backend, device, threads)
+        super().__init__(model, backend, device, threads)  # prechecks (device, bf16 support, compiler)
         cfg = model.config
         self.max_seq_length = int(max_positions(cfg) or 512)
         self.pad_id = int(cfg.pad_token_id or 0)
@@ -124,17 +133,18 @@ class CompiledRunner(TorchRunner):
         mode = "reduce-overhead" if device == "cuda" else None
         self.compiled = torch.compile(self.model, mode=mode, dynamic=False, fullgraph=True)
 
-    @staticmethod
-    def precheck(backend: str, device: str) -> None:
+    @classmethod
+    def precheck(cls, spec, device: str) -> None:
         """Everything that can be refused before a model is loaded: device, bf16 support, compiler."""
-        import torch
-
-        check_device(backend, device)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-        if backend == "torch-compile-bf16" and device == "cpu" and not cpu_has_bf16():
-            raise UsageError("torch-compile-bf16 on CPU needs AVX512-BF16 or AMX (this CPU has neither); use torch-compile")
+        super().precheck(spec, device)
+        if spec.dtype == "bfloat16" and device == "cpu" and not cpu_has_bf16():
+            raise UsageError(f"{spec.name} on CPU needs AVX512-BF16 or AMX (this CPU has neither); use torch-compile")
         check_compiler(device)
+
+    @classmethod
+    def open(cls, spec, model, device: str = "cpu", threads: int | None = None, seq_bucket: int = 32,
+             **options) -> "CompiledRunner":
+        return cls(model, spec.name, device, threads, seq_bucket)
 
     def bucket(self, batch_size: int, seq_len: int) -> tuple:
         b, s = _pow2(batch_size), _round_up(seq_len, self.seq_bucket)

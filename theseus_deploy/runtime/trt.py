@@ -8,7 +8,7 @@ import numpy as np
 
 from theseus_deploy.errors import UsageError
 
-from .base import Runner
+from .base import Runner, check_device
 
 INSTALL_HINT = "install the extra with `pip install -e .[trt]` on a machine with an NVIDIA GPU and driver"
 
@@ -57,6 +57,15 @@ class TrtRunner(Runner):
             cfg = Path(engine_path).parent / "config.json"
             vocab_size = json.loads(cfg.read_text()).get("vocab_size", 30522) if cfg.is_file() else 30522
         self.vocab_size = vocab_size
+
+    @classmethod
+    def precheck(cls, spec, device: str) -> None:
+        check_device(spec.name, device)
+        check_trt_available()
+
+    @classmethod
+    def open(cls, spec, path, device: str = "cuda", vocab_size: int | None = None, **options) -> "TrtRunner":
+        return cls(path, device=device, vocab_size=vocab_size)
 
     def encode(self, encoded):
         return {n: self.torch.as_tensor(np.asarray(encoded[n]), dtype=self.torch.int64, device="cuda").contiguous()

@@ -114,12 +114,13 @@ def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, 
         return str(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{model} is neither a model folder (config.json) nor an export folder (manifest.json)")
+    from theseus_deploy.config import ExportConfig
     from theseus_deploy.export.api import export_model
 
     out = workdir / "export"
     LOG.info("exporting %s to %s on the fly", model, export_format(backend))
-    export_model(str(path), [export_format(backend)], str(out), max_batch_size=max_batch_size,
-                 max_seq_length=max_length)
+    export_model(ExportConfig.of(model=str(path), formats=(export_format(backend),), output=str(out),
+                                 max_batch_size=max_batch_size, max_seq_length=max_length))
     return str(out)
 
 

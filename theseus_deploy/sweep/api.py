@@ -30,9 +30,11 @@ from theseus_deploy.registry import BACKENDS, FORMATS, export_format
 from .pareto import Point, decide, nothing_message, parse_latency, parse_shape
 
 STATE = "sweep-config.json"
-# What decides a stage's result: compress/data fields and export fields (not budget, timing, backends).
-DECIDING = ("model",) + tuple(f.name for f in dataclasses.fields(C.CompressConfig)
-                              if f.name not in C.SWEEP_COMPRESS_SKIP) + C.SWEEP_EXPORT_FIELDS
+# What decides a stage's result, from field metadata: the fields that decide a training trajectory
+# (`resume=True`: model, data, compress flags) and those that change an artifact or a score
+# (`artifact=True`: opset, atol, INT8 weights, the evaluation batch), not budget, timing, backends.
+DECIDING = tuple(name for name, f, _, _ in C.flat_fields(C.SweepConfig)
+                 if f.metadata.get("resume") or f.metadata.get("artifact"))
 OUTPUTS = ("sweep.json", "sweep.csv", "report.md", "pareto.png", "best")
 EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
 
@@ -78,7 +80,8 @@ def compress_config(cfg, depth: int, output: Path, resume: bool) -> C.CompressCo
 
 
 def _deciding(cfg) -> dict:
-    return {k: getattr(cfg, k) for k in DECIDING}
+    flat = C.to_flat(cfg)
+    return {k: flat[k] for k in DECIDING}
 
 
 def _check_dir(out: Path, cfg) -> None:
@@ -300,11 +303,11 @@ def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: di
         export_dir = folder / f"export-{backend}"
         seq = max(mode.get("seq_len", 0), mode.get("max_length", 0), EVAL_MAX_LENGTH, cfg.max_seq_length)
         try:
-            manifest = export_model(str(model), [fmt], str(export_dir), opset=cfg.opset,
-                                    max_batch_size=max(mode.get("batch_size", 1), cfg.eval_batch_size),
-                                    max_seq_length=min(seq, max_pos), validate=True, atol=cfg.atol,
-                                    threads=cfg.threads, int8_per_channel=cfg.int8_per_channel,
-                                    int8_reduce_range=cfg.int8_reduce_range, overwrite=export_dir.exists())
+            manifest = export_model(C.ExportConfig(
+                model=str(model), formats=(fmt,), output=str(export_dir), opset=cfg.opset, atol=cfg.atol, validate=True,
+                profile=C.ProfileConfig(max_batch_size=max(mode.get("batch_size", 1), cfg.eval_batch_size),
+                                        max_seq_length=min(seq, max_pos)),
+                int8=cfg.int8, threads=cfg.threads, overwrite=export_dir.exists()))
         except ValidationError as e:
             return {**rec, "rejected": f"validation failed: {e}"}
         rec["validation"] = manifest["artifacts"][0].get("validation")

@@ -19,7 +19,7 @@ def sweep(**kwargs):
     on real traffic), and pick the most accurate one within a latency budget and a drop limit."""
     from theseus_deploy.sweep.api import run_sweep
 
-    record = run_sweep(C.SweepConfig(**kwargs))
+    record = run_sweep(C.SweepConfig.of(**kwargs))
     out = kwargs["output"]
     click.echo(click.open_file(f"{out}/report.md").read())
     dec = record["decision"]
