@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Training step time: Theseus compress at p=0.5 vs plain fine-tuning of the predecessor.
+"""Training step time: Theseus compress at p=0.5 vs plain fine-tuning of the predecessor, and
+(--distill-alpha) Theseus with knowledge distillation: one extra no-grad predecessor forward per step.
 
 Same model, batch and shapes; the two steps are interleaved (A B A B ...) so machine drift hits
 both; we report medians and the median of paired ratios.
 
     python scripts/step_time.py --model ../shared/models/bert-base-uncased --layers 12 --batch-size 8 --seq-len 128
     python scripts/step_time.py --model ~/.cache/theseus-models/all-MiniLM-L6-v2 --batch-size 32 --seq-len 64
+    python scripts/step_time.py --model ~/.cache/theseus-models/all-MiniLM-L6-v2 --batch-size 32 --seq-len 64 --distill-alpha 0.5
 """
+import contextlib
 import argparse
 import json
 import statistics
@@ -27,6 +30,8 @@ def main():
     ap.add_argument("--p", type=float, default=0.5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--distill-alpha", type=float, default=None, help="also time Theseus + KD (compress --distill-alpha)")
+    ap.add_argument("--distill-temperature", type=float, default=2.0)
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -61,11 +66,29 @@ def main():
         opt_th.step()
         opt_th.zero_grad()
 
-    for f in (step_plain, step_theseus):  # warm-up
+    steps = [("finetune", step_plain), ("theseus", step_theseus)]
+    if a.distill_alpha is not None:
+        from theseus_deploy.distill import Distiller, theseus_teacher
+
+        distiller = Distiller(a.distill_alpha, a.distill_temperature, False,
+                              theseus_teacher(theseus, contextlib.nullcontext))
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+        def step_theseus_kd():  # as train.Recipe.train_step: student forward, teacher forward, combined loss
+            while not any(theseus.sample(a.p, gen)):
+                pass
+            out = theseus(**batch)
+            loss = distiller.loss(out.loss, out.logits, inputs)
+            loss.backward()
+            opt_th.step()
+            opt_th.zero_grad()
+
+        steps.append(("theseus_kd", step_theseus_kd))
+    for _, f in steps:  # warm-up
         f()
-    times = {"finetune": [], "theseus": []}
+    times = {name: [] for name, _ in steps}
     for _ in range(a.reps):
-        for name, f in (("finetune", step_plain), ("theseus", step_theseus)):
+        for name, f in steps:
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
@@ -77,6 +100,10 @@ def main():
            "theseus_step_s_median": statistics.median(times["theseus"]),
            "theseus_over_finetune_median_ratio": statistics.median(ratios),
            "ratio_min_max": [min(ratios), max(ratios)]}
+    if "theseus_kd" in times:
+        kd = [k / t for k, t in zip(times["theseus_kd"], times["theseus"])]
+        out.update({"theseus_kd_step_s_median": statistics.median(times["theseus_kd"]),
+                    "kd_over_theseus_median_ratio": statistics.median(kd), "kd_ratio_min_max": [min(kd), max(kd)]})
     print(json.dumps(out, indent=2))
 
 

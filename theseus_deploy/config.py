@@ -182,6 +182,13 @@ class TrainConfig(DataConfig):
     stop_after_steps: int | None = opt(None, "Stop after this step with a resumable checkpoint in <output>.partial/ "
                                              "and no output yet; continue with --resume (training in time slices, "
                                              "e.g. on preemptible machines).", ge=1)
+    # Knowledge distillation (theseus_deploy/distill.py): off by default, so every run without it is unchanged.
+    distill_alpha: float = opt(0.0, "Knowledge distillation weight A: loss = (1-A)*task + A*soft, soft = T^2 * "
+                                    "KL(softmax(teacher/T) || softmax(student/T)) (regression: MSE of the two predictions) "
+                                    "against the teacher's logits on the same batch (compress: the predecessor; finetune: "
+                                    "--teacher, default --model before --keep-layers). 0: off.", resume=True, ge=0, le=1)
+    distill_temperature: float = opt(1.0, "Temperature T of the soft targets (--distill-alpha > 0, classification).",
+                                     resume=True, gt=0)
 
 
 @dataclass
@@ -196,6 +203,16 @@ class FinetuneConfig(TrainConfig):
     freeze_layers: int = opt(0, "Freeze embeddings and the bottom N layers (0: train everything).", resume=True, ge=0)
     keep_layers: int | None = opt(None, "Keep only the bottom N layers before training (the truncation baseline).",
                                   resume=True, ge=1)
+    teacher: str | None = opt(None, "--distill-alpha: the teacher, a classifier fine-tuned on the task (default: --model "
+                                    "as loaded, before --keep-layers truncates it: the vanilla KD baseline).", resume=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.teacher and not self.distill_alpha:
+            raise UsageError("--teacher needs --distill-alpha above 0")
+        if self.distill_alpha and not self.teacher and self.keep_layers is None:
+            raise UsageError("--distill-alpha needs a teacher: --keep-layers N (the teacher is --model before "
+                             "truncation) or --teacher MODEL")
 
 
 @dataclass
@@ -236,6 +253,9 @@ class EvaluateConfig(DataConfig):
     json: bool = opt(False, "Print the metrics as JSON.")
     output: str | None = opt(None, "Also write the metrics JSON to this file.")
     overwrite: bool = opt(False, "Replace an existing --output file.")
+    reference: str | None = opt(None, "Also score the loyalty of --model to this model (e.g. the predecessor) on the same "
+                                      "rows: label loyalty (same predicted label), probability loyalty (1 - mean base-2 "
+                                      "Jensen-Shannon distance); regression: Pearson of the two predictions.")
 
 
 def _formats():

@@ -25,6 +25,7 @@ from .data import check_training_labels, encode, label_mapping, load_from_config
 from .errors import UsageError
 from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
 from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, write_json
+from .loyalty import describe, loyalty, to_data_order
 from .metrics import compute_metrics
 from .optim import configure_optimizers, lr_schedule
 
@@ -94,6 +95,8 @@ class Recipe:
     kind = "finetune"
     # What differs between recipes is declared, not switched on `kind`:
     unused_parameters = False  # DDP: some parameters get no gradient on some steps (Theseus draws)
+    distiller = None           # distill.Distiller with --distill-alpha > 0 (setup_distill)
+    reference_logits = None    # dev logits loyalty is measured against (compress: the predecessor's)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -132,7 +135,7 @@ class Recipe:
         self.tokenizer = load_tokenizer(cfg.model)
         torch.manual_seed(cfg.seed)            # a new classifier head (finetune) depends on --seed
         self.model = self.build_model()        # sets self.hf_config
-        mapping = label_mapping(self.spec, self.hf_config)
+        self.mapping = mapping = label_mapping(self.spec, self.hf_config)
         self.positive = positive_id(self.spec, mapping)  # F1's positive class, in the model's label ids
         names = model_input_names(self.hf_config)
         self.train_enc = encode(self.tokenizer, self.train_data, cfg.max_seq_length, names, mapping)
@@ -148,6 +151,7 @@ class Recipe:
         self.save_steps = cfg.save_steps or self.eval_steps
         self.lr = cfg.lr if cfg.lr is not None else C.DEFAULT_LR[self.kind]
         self.setup_extra()
+        self.setup_distill()
 
         # The trainable set is final here, before wrapping: DDP all-reduces exactly these tensors.
         late = self.late_parameters()
@@ -161,7 +165,7 @@ class Recipe:
         self.dev_loader = make_loader(self.tokenizer, self.dev_enc, cfg.eval_batch_size, False)  # predict() deals it
         self.after_prepare()
         self.step, self.best_score, self.best_step, self.bad_evals = 0, -math.inf, -1, 0
-        self.best_state, self.best_metrics = None, None
+        self.best_state, self.best_metrics, self.best_loyalty = None, None, None
         self.history: list[dict] = []
         self.pending = {"losses": [], "norms": [], "skipped": 0}  # for the next log line (skipped: since step 0)
         # Dropout: rank r draws from seed + r (one process: --seed as before), not every rank the same masks.
@@ -195,6 +199,9 @@ class Recipe:
 
     def setup_extra(self):
         pass
+
+    def setup_distill(self):
+        """Sets `self.distiller` when --distill-alpha > 0 (each recipe names its teacher)."""
 
     def late_parameters(self) -> list:
         """Trainable tensors whose learning rate is 0 until `late_start()` (compress --unfreeze-head)."""
@@ -236,7 +243,8 @@ class Recipe:
     def train_step(self, batch) -> tuple[float, float | None]:
         """Forward, backward, clip, AdamW step: (loss, gradient norm before clipping)."""
         labels = batch.pop("labels")
-        loss = self.model(**batch, labels=labels).loss
+        out = self.model(**batch, labels=labels)
+        loss = out.loss if self.distiller is None else self.distiller.loss(out.loss, out.logits, batch)
         self.check_finite(loss)
         self.acc.backward(loss)
         if not self.late_active():
@@ -313,11 +321,13 @@ class Recipe:
         if not all(math.isfinite(v) for v in metrics.values()):
             raise UsageError(f"[{self.kind}] dev metrics are not finite at step {self.step} ({metrics}): "
                              "the model outputs NaN or inf, nothing was saved")
-        self.history.append({"step": self.step, "eval": metrics, **self.step_log()})
-        log(f"[{self.kind}] step {self.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        loy = None if self.reference_logits is None else loyalty(logits, self.reference_logits, self.spec.is_regression)
+        self.history.append({"step": self.step, "eval": metrics, **({"loyalty": loy} if loy else {}), **self.step_log()})
+        log(f"[{self.kind}] step {self.step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            + (f"; loyalty {describe(loy)}" if loy else ""))
         if metrics["score"] > self.best_score:
             self.best_score, self.best_step, self.bad_evals = metrics["score"], self.step, 0
-            self.best_metrics = metrics
+            self.best_metrics, self.best_loyalty = metrics, loy
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.final_state_dict().items()}
         elif self.counts_for_patience():
             self.bad_evals += 1
@@ -353,7 +363,7 @@ class Recipe:
             "num_processes": self.acc.num_processes,
             "rng": rngs,  # one entry per rank
             "best": {"score": float(self.best_score), "step": self.best_step, "bad_evals": self.bad_evals,
-                     "metrics": self.best_metrics, "state": self.best_state},
+                     "metrics": self.best_metrics, "state": self.best_state, "loyalty": self.best_loyalty},
             "history": self.history,
             "pending": self.pending,
             **extra,
@@ -401,6 +411,7 @@ class Recipe:
             self.step = int(state["step"])
             self.best_score, self.best_step, self.bad_evals = best["score"], best["step"], best["bad_evals"]
             self.best_metrics, self.best_state = best["metrics"], best["state"]
+            self.best_loyalty = best.get("loyalty")
             if self.best_step >= 0 and not self.best_state:
                 raise ValueError("best weights missing")
             self.history = state["history"]
@@ -442,7 +453,12 @@ class Recipe:
                 "num_processes": self.acc.num_processes}
 
     def summary(self) -> dict:
-        return {"task": self.spec.name, "best_step": self.best_step, "dev": self.best_metrics}
+        out = {"task": self.spec.name, "best_step": self.best_step, "dev": self.best_metrics}
+        if self.best_loyalty is not None:  # of the kept (best) weights, on the dev rows
+            out["loyalty"] = self.best_loyalty
+        if self.distiller is not None:
+            out["distill"] = {"alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature}
+        return out
 
     def save(self):
         self.acc.wait_for_everyone()
@@ -478,6 +494,49 @@ def truncate(model, keep_layers: int):
 
 class FinetuneRecipe(Recipe):
     kind = "finetune"
+
+    def setup_distill(self):
+        """Vanilla KD: a frozen teacher (--teacher, else --model as loaded before --keep-layers)."""
+        from . import distill
+
+        cfg = self.cfg
+        if cfg.distill_alpha == 0:
+            return
+        self.teacher_name = cfg.teacher or cfg.model
+        self.teacher, order = distill.load_teacher(self.teacher_name, self.spec, self.tokenizer, self.mapping,
+                                                   cfg.max_seq_length)
+        self.distiller = distill.Distiller(cfg.distill_alpha, cfg.distill_temperature, self.spec.is_regression,
+                                           distill.model_teacher(self.teacher, order, model_input_names(self.teacher),
+                                                                 self.acc.autocast))
+        self.teacher_order = order
+        log(f"[finetune] distilling from {self.teacher_name}: loss = {1 - cfg.distill_alpha:g} * task + "
+            f"{cfg.distill_alpha:g} * soft (T = {cfg.distill_temperature:g})")
+
+    def after_prepare(self):
+        """Loyalty is measured against the teacher (KD), or with --keep-layers against --model as
+        loaded before truncation when that is a classifier for the task (the truncation baseline)."""
+        from . import distill
+
+        if self.distiller is not None:
+            ref, order = self.teacher, self.teacher_order
+        elif self.cfg.keep_layers is not None:
+            try:
+                ref, order = distill.load_teacher(self.cfg.model, self.spec, self.tokenizer, self.mapping,
+                                                  self.cfg.max_seq_length)
+            except UsageError as e:  # a bare encoder (new head): nothing to be loyal to
+                log(f"[finetune] no loyalty figure: {e}")
+                return
+        else:
+            return
+        ref.to(self.acc.device)
+        logits, _ = predict(ref, self.dev_loader, self.acc)  # loyalty to it at every evaluation
+        self.reference_logits = logits if order is None else logits[:, order.numpy()]
+
+    def summary(self) -> dict:
+        out = super().summary()
+        if self.distiller is not None:
+            out["distill"]["teacher"] = self.teacher_name
+        return out
 
 
 class CompressRecipe(Recipe):
@@ -519,6 +578,15 @@ class CompressRecipe(Recipe):
             f"{self.theseus.blocks}, init from {self.theseus.init_from}, {cfg.scheduler} schedule "
             f"b={self.scheduler.b:g} k={self.scheduler.k:.3g} (p=1 at step {self.scheduler.steps_to_full})")
 
+    def setup_distill(self):
+        """Theseus + KD: the teacher is the predecessor inside the wrapper (its own blocks and head)."""
+        from . import distill
+
+        if self.cfg.distill_alpha > 0:
+            self.distiller = distill.Distiller(self.cfg.distill_alpha, self.cfg.distill_temperature,
+                                               self.spec.is_regression,
+                                               distill.theseus_teacher(self.theseus, self.acc.autocast))
+
     def late_parameters(self) -> list:
         return self.theseus.head_parameters() if self.cfg.unfreeze_head else []
 
@@ -528,9 +596,10 @@ class CompressRecipe(Recipe):
     def after_prepare(self):
         # The predecessor's own dev score, for the retention figure (on the accelerator's devices).
         self.theseus.force("predecessor")
-        self.predecessor_metrics = compute_metrics(self.spec, *predict(self.model, self.dev_loader, self.acc),
-                                                   self.positive)
+        logits, labels = predict(self.model, self.dev_loader, self.acc)
         self.theseus.force(None)
+        self.predecessor_metrics = compute_metrics(self.spec, logits, labels, self.positive)
+        self.reference_logits = logits  # loyalty of the successor to its predecessor at every evaluation
         log(f"[compress] predecessor ({self.theseus.predecessor_layers} layers) dev: "
             + ", ".join(f"{k} {v:.4f}" for k, v in self.predecessor_metrics.items()))
 
@@ -609,7 +678,8 @@ def _print_table(rows: list[tuple[str, dict]], metrics: tuple):
 # ====================================================================== entry points
 def _inputs(cfg) -> list:
     """What a run reads: its output may not be (or contain) any of these."""
-    return [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file]
+    return [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file,
+            getattr(cfg, "teacher", None), getattr(cfg, "reference", None)]
 
 
 @dist.locks_output("cfg.output")  # held for the whole run, O.partial/ included
@@ -635,6 +705,8 @@ def run_compress(cfg: C.CompressConfig):
                       (f"successor ({s['successor_layers']} layers)", s["dev"])], r.spec.metrics)
         if s["retention"] is not None:
             _say(f"retention: {100 * s['retention']:.1f}%")
+        if s.get("loyalty"):
+            _say(f"loyalty to the predecessor: {describe(s['loyalty'])}")
     return r
 
 
@@ -647,6 +719,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
         check_output_file(cfg.output, cfg.overwrite, protected=_inputs(cfg))
     model_config = load_config(cfg.model)
     check_max_seq_length(model_config, cfg.max_seq_length)
+    if cfg.reference:  # a mistyped reference fails before any scoring
+        check_max_seq_length(load_config(cfg.reference), cfg.max_seq_length)
     spec = spec_from_model(cfg, model_config)
     data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
     model = load_classifier(cfg.model).eval()
@@ -661,6 +735,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     result = {"model": cfg.model, "task": data.spec.name, "split": cfg.split, "num_examples": len(data),
               "num_layers": model.config.num_hidden_layers, "metrics": metrics,
               "seconds": round(time.time() - t0, 3), "data_source": data.source, "num_processes": st.num_processes}
+    if cfg.reference:  # every rank: predict() deals the reference's batches too
+        result.update(_reference_loyalty(cfg, data, to_data_order(logits, mapping), st))
     if not st.is_main_process:
         return result
     if cfg.output:
@@ -668,5 +744,27 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     if cfg.json:
         print(dumps(result, indent=2))
     else:
-        _print_table([(f"{Path(cfg.model).name} ({result['num_layers']} layers)", metrics)], data.spec.metrics)
+        rows = [(f"{Path(cfg.model).name} ({result['num_layers']} layers)", metrics)]
+        if cfg.reference:
+            rows.append((f"{Path(cfg.reference).name} ({result['reference_num_layers']} layers)", result["reference_metrics"]))
+        _print_table(rows, data.spec.metrics)
+        if cfg.reference:
+            print(f"loyalty to {cfg.reference}: {describe(result['loyalty'])}")
     return result
+
+
+def _reference_loyalty(cfg, data, logits, st) -> dict:
+    """evaluate --reference: the reference model on the same rows (its own tokenizer and label
+    ids), and the loyalty of --model to it; `logits` are --model's, in the data's label order."""
+    ref_config = load_config(cfg.reference)
+    check_max_seq_length(ref_config, cfg.max_seq_length)
+    ref = load_classifier(cfg.reference).eval()
+    if st.num_processes > 1:
+        ref.to(st.device)
+    tokenizer = load_tokenizer(cfg.reference)
+    mapping = label_mapping(data.spec, ref.config)
+    enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(ref), mapping)
+    ref_logits, labels = predict(ref, make_loader(tokenizer, enc, cfg.batch_size, False))
+    return {"reference": cfg.reference, "reference_num_layers": ref.config.num_hidden_layers,
+            "reference_metrics": compute_metrics(data.spec, ref_logits, labels, positive_id(data.spec, mapping)),
+            "loyalty": loyalty(logits, to_data_order(ref_logits, mapping), data.spec.is_regression)}

@@ -1,0 +1,274 @@
+"""Knowledge distillation (compress --distill-alpha, finetune --keep-layers --distill-alpha) and
+loyalty (compress's summary, evaluate --reference) on tiny models and hand-computed arrays."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForSequenceClassification
+
+from conftest import make_tiny_model
+from theseus_deploy.cli import cli
+from theseus_deploy.config import CompressConfig, FinetuneConfig
+from theseus_deploy.distill import combine, soft_target_loss, student_order
+from theseus_deploy.errors import UsageError
+from theseus_deploy.loyalty import js_distance, loyalty
+from theseus_deploy.train import CompressRecipe, FinetuneRecipe
+
+WORDS = "the a movie film plot actor scene story music ending time people way thing day".split()
+
+
+def write_toy(path, n, seed):
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(n):
+        words = rng.choices(WORDS, k=rng.randint(4, 10))
+        if i % 2:
+            words.insert(rng.randrange(len(words) + 1), "great")
+        lines.append(f"{' '.join(words)},{i % 2}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    return {"task": "custom", "train_file": write_toy(d / "train.csv", 192, 0),
+            "validation_file": write_toy(d / "dev.csv", 48, 1), "text_columns": "text", "label_column": "label"}
+
+
+def toy_args(toy):
+    return [a for k, v in toy.items() for a in (f"--{k.replace('_', '-')}", v)]
+
+
+@pytest.fixture(scope="module")
+def predecessor(tmp_path_factory, toy):
+    base = make_tiny_model(tmp_path_factory.mktemp("m") / "base", "bert", 4)
+    out = tmp_path_factory.mktemp("ft") / "pred"
+    r = CliRunner().invoke(cli, ["finetune", "--model", str(base), *toy_args(toy), "--output", str(out), "--lr", "1e-3",
+                                 "--max-steps", "24", "--eval-steps", "24", "--batch-size", "16", "--max-seq-length", "16"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def ccfg(predecessor, toy, out, **kw):
+    base = dict(model=str(predecessor), output=str(out), lr=1e-3, max_steps=8, eval_steps=4, batch_size=16,
+                max_seq_length=16, log_steps=1, unfreeze_head=True, steps_to_full=3)
+    return CompressConfig(**toy, **{**base, **kw})
+
+
+def fcfg(predecessor, toy, out, **kw):
+    base = dict(model=str(predecessor), output=str(out), lr=1e-3, max_steps=6, eval_steps=3, batch_size=16,
+                max_seq_length=16, log_steps=1, keep_layers=2)
+    return FinetuneConfig(**toy, **{**base, **kw})
+
+
+def successor(r):
+    return {k: v.clone() for k, v in r.final_state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ the loss
+def test_soft_loss_is_zero_when_student_equals_teacher_and_matches_hand_values():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 3.0]])
+    for t in (1.0, 2.0, 7.5):
+        assert soft_target_loss(z, z.clone(), t, regression=False).item() == pytest.approx(0.0, abs=1e-7)
+    assert soft_target_loss(z[:, :1], z[:, :1].clone(), 1.0, regression=True).item() == 0.0
+    # by hand: T^2 * mean over rows of sum_j p_t log(p_t / p_s), softmax at T
+    s, t, T = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[0.0, 1.0], [1.0, 1.0]]), 2.0
+    sm = lambda x: np.exp(x / T) / np.exp(x / T).sum(-1, keepdims=True)  # noqa: E731
+    ps, pt = sm(s), sm(t)
+    want = T * T * np.mean((pt * np.log(pt / ps)).sum(-1))
+    got = soft_target_loss(torch.tensor(s), torch.tensor(t), T, regression=False).item()
+    assert got == pytest.approx(want, rel=1e-6) and got > 0
+    assert soft_target_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [1.0]]), 5.0, True).item() == 2.5
+    assert combine(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == 0.75 * 2 + 0.25 * 4
+
+
+def test_student_order_puts_teacher_columns_in_the_students_label_order():
+    assert student_order(None, None, 3) is None
+    # data labels (a, b, c): teacher ids (2, 0, 1), student ids (1, 2, 0)
+    order = student_order(np.array([2, 0, 1]), np.array([1, 2, 0]), 3)
+    teacher = torch.tensor([[10.0, 20.0, 30.0]])  # teacher: id0 = b, id1 = c, id2 = a
+    # student: id0 = c (teacher 1), id1 = a (teacher 2), id2 = b (teacher 0)
+    assert teacher[:, order].tolist() == [[20.0, 30.0, 10.0]]
+
+
+# ------------------------------------------------------------------ compress + KD
+def test_compress_alpha_zero_is_bit_identical_and_alpha_changes_training(predecessor, toy, tmp_path):
+    plain = CompressRecipe(ccfg(predecessor, toy, tmp_path / "a")).setup().train()
+    off = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", distill_alpha=0.0, distill_temperature=4.0)).setup()
+    assert off.distiller is None  # no teacher forward at all
+    off.train()
+    assert same(successor(plain), successor(off))
+    assert [h.get("loss") for h in plain.history] == [h.get("loss") for h in off.history]
+    kd = CompressRecipe(ccfg(predecessor, toy, tmp_path / "c", distill_alpha=0.5, distill_temperature=2.0)).setup().train()
+    assert not same(successor(plain), successor(kd))
+    assert kd.summary()["distill"] == {"alpha": 0.5, "temperature": 2.0}
+
+
+def test_compress_teacher_is_the_predecessor_with_its_original_head(predecessor, toy, tmp_path):
+    """The teacher's logits are the predecessor's (eval mode), also after --unfreeze-head changed the head."""
+    r = CompressRecipe(ccfg(predecessor, toy, tmp_path / "o", distill_alpha=0.5, max_steps=8, steps_to_full=2)).setup()
+    r.train()
+    assert r.head_unfrozen
+    ref = AutoModelForSequenceClassification.from_pretrained(predecessor).eval()
+    batch = next(iter(r.dev_loader))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        want = ref(**batch).logits
+    torch.testing.assert_close(r.distiller.teacher(batch), want, rtol=1e-5, atol=1e-6)
+    assert r.theseus.training and all(m.force is None for m in r.theseus.modules_)  # mode restored
+
+
+@pytest.mark.parametrize("interrupt", [2, 5])  # before / after the head starts learning (step 3)
+def test_compress_resume_with_kd_is_bit_identical(predecessor, toy, tmp_path, interrupt):
+    kw = dict(distill_alpha=0.7, distill_temperature=3.0)
+    full = CompressRecipe(ccfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
+    part = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", **kw))
+    part.cfg.stop_after_steps = interrupt
+    part.setup().train()
+    resumed = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
+    assert resumed.step == interrupt
+    resumed.train()
+    assert same(successor(full), successor(resumed))
+    assert [h.get("loss") for h in full.history] == [h.get("loss") for h in resumed.history]
+    assert full.summary()["loyalty"] == resumed.summary()["loyalty"]
+    with pytest.raises(UsageError, match="--distill-alpha 0.7 -> 0.5"):
+        CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", resume=True, distill_alpha=0.5,
+                            distill_temperature=3.0)).setup()
+
+
+def test_compress_reports_loyalty_in_summary_and_metrics(predecessor, toy, tmp_path):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["compress", "--model", str(predecessor), *toy_args(toy), "--output", str(out),
+                                 "--max-steps", "6", "--eval-steps", "3", "--batch-size", "16", "--max-seq-length", "16",
+                                 "--distill-alpha", "0.5", "--distill-temperature", "2"])
+    assert r.exit_code == 0, r.output
+    assert "loyalty to the predecessor: label " in r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["loyalty"]) == {"label", "probability"} and 0 <= m["loyalty"]["label"] <= 1
+    # the figure is the successor's loyalty on dev, recomputed here from the two saved models
+    ev = CliRunner().invoke(cli, ["evaluate", "--model", str(out), "--reference", str(predecessor), *toy_args(toy),
+                                  "--max-seq-length", "16", "--json"])
+    assert ev.exit_code == 0, ev.output
+    e = json.loads(ev.output[ev.output.index("{"):])
+    assert e["loyalty"]["label"] == pytest.approx(m["loyalty"]["label"])
+    assert e["loyalty"]["probability"] == pytest.approx(m["loyalty"]["probability"], abs=1e-5)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all("loyalty" in h for h in log if "eval" in h)
+
+
+# ------------------------------------------------------------------ vanilla KD (finetune)
+def test_finetune_vanilla_kd_teacher_is_the_model_before_truncation(predecessor, toy, tmp_path):
+    plain = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a")).setup().train()
+    # the truncation baseline's loyalty is to --model before truncation too (no KD: no "distill" entry)
+    assert set(plain.summary()["loyalty"]) == {"label", "probability"} and "distill" not in plain.summary()
+    kd = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", distill_alpha=0.5, distill_temperature=2.0)).setup()
+    assert kd.teacher.config.num_hidden_layers == 4 and kd.hf_config.num_hidden_layers == 2
+    assert not any(p.requires_grad for p in kd.teacher.parameters())
+    kd.train()
+    assert not same(successor(plain), successor(kd))
+    s = kd.save().summary()
+    assert s["distill"] == {"alpha": 0.5, "temperature": 2.0, "teacher": str(predecessor)}
+    assert set(s["loyalty"]) == {"label", "probability"}
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["loyalty"] == s["loyalty"]
+
+
+def test_finetune_kd_resume_is_bit_identical(predecessor, toy, tmp_path):
+    kw = dict(distill_alpha=0.6, distill_temperature=2.0)
+    full = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
+    part = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", **kw))
+    part.cfg.stop_after_steps = 4
+    part.setup().train()
+    resumed = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup().train()
+    assert same(successor(full), successor(resumed))
+
+
+BAD = [
+    (["compress", "--distill-alpha", "1.5"], "--distill-alpha must be at least 0 and at most 1, got 1.5"),
+    (["compress", "--distill-alpha", "nan"], "--distill-alpha must be a finite number"),
+    (["compress", "--distill-alpha", "0.5", "--distill-temperature", "0"], "--distill-temperature must be greater than 0"),
+    (["finetune", "--distill-alpha", "-0.1", "--keep-layers", "2"], "--distill-alpha must be at least 0"),
+    (["finetune", "--distill-alpha", "0.5"], "--distill-alpha needs a teacher: --keep-layers N"),
+    (["finetune", "--teacher", "{pred}", "--keep-layers", "2"], "--teacher needs --distill-alpha above 0"),
+    (["finetune", "--distill-alpha", "0.5", "--teacher", "{tmp}/nope"], "model path does not exist"),
+    (["evaluate", "--reference", "{tmp}/nope"], "model path does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_distill_flags_one_line_exit_2_nothing_written(args, msg, predecessor, toy, tmp_path):
+    """Real processes (click's runner misses what libraries print to stderr)."""
+    import subprocess
+    import sys
+
+    fmt = {"pred": str(predecessor), "tmp": str(tmp_path)}
+    argv = [args[0], "--model", str(predecessor), *toy_args(toy), "--max-seq-length", "16",
+            *[a.format(**fmt) for a in args[1:]]]
+    if args[0] != "evaluate":
+        argv += ["--output", str(tmp_path / "out"), "--max-steps", "2"]
+    before = sorted(tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", *argv], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], r.stderr
+    assert sorted(tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------------------------ loyalty
+def test_loyalty_by_hand():
+    a = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -3.0]])
+    b = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [3.0, -3.0]])
+    # argmax: a (0, 1, 0, 0), b (0, 0, 0, 0): 3 of 4 agree (ties take the first label)
+    loy = loyalty(a, b, regression=False)
+    assert loy["label"] == 0.75
+    # JS distance, base 2, by hand for each row
+    def p(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    def jsd(x, y):
+        m = (x + y) / 2
+        return np.sqrt((np.sum(x * np.log2(x / m)) + np.sum(y * np.log2(y / m))) / 2)
+
+    d = [jsd(p(x), p(y)) for x, y in zip(a, b)]
+    assert d[2] == 0 and d[3] == 0 and 0 < d[0] < d[1] < 1
+    assert loy["probability"] == pytest.approx(1 - np.mean(d), abs=1e-12)
+    # the extremes: disjoint one-hot distributions are 1 apart (base 2), identical ones 0
+    assert js_distance(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]]))[0] == pytest.approx(1.0)
+    assert js_distance(np.array([[0.3, 0.7]]), np.array([[0.3, 0.7]]))[0] == 0.0
+    # regression: Pearson of the two predictions
+    x, y = np.array([[1.0], [2.0], [3.0], [5.0]]), np.array([[2.0], [4.1], [5.9], [10.0]])
+    assert loyalty(x, y, regression=True)["pearson"] == pytest.approx(np.corrcoef(x[:, 0], y[:, 0])[0, 1])
+    assert loyalty(x, np.ones_like(x), regression=True)["pearson"] == 0.0
+
+
+def test_evaluate_reference_itself_is_fully_loyal(predecessor, toy, tmp_path):
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(predecessor), "--reference", str(predecessor), *toy_args(toy),
+                                 "--max-seq-length", "16", "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    assert "loyalty to" in r.output and "label 1.0000, probability 1.0000" in r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["loyalty"]["label"] == 1.0 and e["loyalty"]["probability"] == pytest.approx(1.0, abs=1e-6)
+    assert e["reference_metrics"] == e["metrics"] and e["reference_num_layers"] == 4
+
+
+def test_evaluate_reference_regression_is_pearson(tmp_path):
+    rows = ["text,label"] + [f"{' '.join(WORDS[: 3 + i % 7])},{(i % 5) * 0.7:.2f}" for i in range(24)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    a = make_tiny_model(tmp_path / "a", "bert", 2, num_labels=1, seed=1)
+    b = make_tiny_model(tmp_path / "b", "bert", 2, num_labels=1, seed=2)
+    args = ["--task", "custom", "--validation-file", str(tmp_path / "r.csv"), "--text-columns", "text",
+            "--label-column", "label", "--problem-type", "regression", "--max-seq-length", "16", "--json"]
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(a), "--reference", str(b), *args])
+    assert r.exit_code == 0, r.output
+    e = json.loads(r.output[r.output.index("{"):])
+    assert set(e["loyalty"]) == {"pearson"} and -1 <= e["loyalty"]["pearson"] <= 1 and math.isfinite(e["loyalty"]["pearson"])
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(a), "--reference", str(a), *args])
+    assert json.loads(r.output[r.output.index("{"):])["loyalty"]["pearson"] == pytest.approx(1.0)
