@@ -10,7 +10,8 @@ from conftest import REPO
 
 PKG = REPO / "theseus_deploy"
 # rooms: a top-level module or subpackage of theseus_deploy
-CORE = {"errors", "deps", "dist", "config", "registry", "io", "arch", "hf", "data", "metrics", "modeling", "optim", "schedulers"}
+CORE = {"errors", "deps", "dist", "config", "registry", "io", "arch", "hf", "data", "metrics", "modeling", "optim", "schedulers",
+        "distill", "loyalty"}
 MIDDLE = {"artifact", "runtime"}
 COMMANDS = {"export", "bench", "sweep", "serve", "train", "cli", "__main__"}
 LEVEL = {**{r: 0 for r in CORE}, **{r: 1 for r in MIDDLE}, **{r: 2 for r in COMMANDS}}
