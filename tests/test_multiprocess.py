@@ -236,7 +236,11 @@ def compress_runs(tmp_path_factory, data37):
         deadline = time.time() + 150
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
-        for k in psutil.Process(proc.pid).children(recursive=True):  # the workers: kill -9
+        try:
+            workers = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:  # the launcher ended before any checkpoint: a crash, reported below
+            workers = []
+        for k in workers:  # kill -9
             try:
                 os.kill(k.pid, signal.SIGKILL)
                 killed.append(k.pid)

@@ -120,10 +120,17 @@ def broadcast(obj):
 
 
 def mean(value: float) -> float:
-    """The mean of `value` over ranks (float64; the value itself with one process)."""
+    """The mean of `value` over ranks (one float64 all-reduce on the process's device; the value
+    itself with one process)."""
     if world_size() == 1:
         return value
-    return sum(gather(float(value))) / world_size()
+    import torch
+    import torch.distributed as td
+    from accelerate import PartialState
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=PartialState().device)
+    td.all_reduce(t)
+    return t.item() / td.get_world_size()
 
 
 def deal(batches: list, world: int, rank_: int, padded: bool) -> list:
