@@ -4,14 +4,15 @@ decisions train.py cannot leave to `accelerate` alone (docs/distributed.md).
 What went wrong when everything was left to `accelerate.prepare` (issue 21, gloo, 2 processes):
 - the dev loader was sharded with accelerate's even-batches padding: a dev set that is not a
   multiple of the eval batch crashed gloo at the first evaluation (ranks gathered tensors of
-  different sizes), and a 192-row dev set came back as 256 rows (padding duplicates scored);
+  different sizes: 44 rows, eval batch 8, "Received data size doesn't match"), and a 192-row dev
+  set came back as 256 rows (padding duplicates scored);
 - only rank 0's RNG was checkpointed and every rank restored it (resumed runs drifted 2.2e-3);
 - the output lock read `RANK` before accelerate had set it: under mpirun (`OMPI_COMM_WORLD_RANK`)
   both processes raced for the lock, rank 1 exited 2 and rank 0 hung.
 
 So: evaluation here gives every rank whole batches of the one-process batch list (batch i to rank
 i mod N) and gathers the logits in order, so N processes score exactly the rows, in the batches,
-one process scores (same logits bit for bit on CPU); training batches are dealt the same way,
+one process scores (so the same logits at the same thread count); training batches are dealt the same way,
 with the epoch's batch list padded to a multiple of N from its own start (what accelerate's
 even_batches does), so a resumed run deals exactly what an uninterrupted one dealt; "main
 process" is accelerate's process index once its state exists (every launcher accelerate supports),
