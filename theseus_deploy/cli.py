@@ -96,9 +96,10 @@ def options_from(cls, required: tuple[str, ...] = ()):
             meta = f.metadata
             flag = meta.get("flag") or "--" + name.replace("_", "-")
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if tp is bool:
+            if tp is bool or tp == (bool | None):  # bool | None: a tri-state flag pair, None when neither is given
                 decls = flag if "/" in flag else f"{flag}/--no-{flag[2:]}"
-                fn = click.option(decls, name, default=default, show_default=True, help=meta.get("help"))(fn)
+                fn = click.option(decls, name, default=default, show_default=default is not None,
+                                  help=meta.get("help"))(fn)
             elif meta.get("multiple"):
                 elem = _click_type((typing.get_args(tp) or (str,))[0], meta.get("choices"))
                 fn = click.option(flag, name, type=elem, multiple=True, required=name in required,

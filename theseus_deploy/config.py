@@ -286,8 +286,10 @@ class Int8Config:
 
     per_channel: bool = opt(True, "onnx-int8: one weight scale per output channel (more accurate) or per tensor.",
                             flag="--int8-per-channel/--int8-per-tensor", artifact=True)
-    reduce_range: bool = opt(False, "onnx-int8: 7-bit weights, for CPUs without VNNI (avoids u8 x s8 saturation).",
-                             artifact=True)
+    reduce_range: bool | None = opt(None, "onnx-int8: 7-bit weights (--int8-reduce-range) or 8-bit "
+                                          "(--no-int8-reduce-range). Default: chosen from the CPU, 7-bit on x86 without "
+                                          "VNNI/AMX-INT8, where 8-bit u8 x s8 products saturate (theseus_deploy/cpu.py); "
+                                          "the choice is recorded in manifest.json.", artifact=True)
 
 
 @dataclass

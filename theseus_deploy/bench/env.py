@@ -27,7 +27,8 @@ def environment(threads: int | None = None) -> dict:
                 pass
     except ImportError:
         pass
-    env["cpu_flags"] = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in _cpu_flags()]
+    env["cpu_flags"] = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                        if f in _cpu_flags()]
     versions = {}
     for pkg in ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
         try:
@@ -38,23 +39,13 @@ def environment(threads: int | None = None) -> dict:
     return env
 
 
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
 def _cpu_model() -> str:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    from theseus_deploy.cpu import cpu_model
+
+    return cpu_model()
 
 
 def _cpu_flags() -> set:
-    for line in _cpuinfo().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+    from theseus_deploy.cpu import cpu_flags
+
+    return cpu_flags()

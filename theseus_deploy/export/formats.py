@@ -71,10 +71,18 @@ class PlainFp16(Builder):
 
 class DynamicInt8(Builder):
     def build(self, ctx):
+        from theseus_deploy.cpu import int8_dot_product, int8_reduce_range_default
+
         q = ctx.cfg.int8
-        ops = quantize_int8(ctx.path("onnx"), ctx.path(self.fmt.name), q.per_channel, q.reduce_range)
+        if q.reduce_range is None:  # follow the CPU the artifact is built (and validated) on
+            reduce_range, why = int8_reduce_range_default()
+        else:
+            reduce_range, why = q.reduce_range, ("--int8-reduce-range" if q.reduce_range else "--no-int8-reduce-range")
+        ops = quantize_int8(ctx.path("onnx"), ctx.path(self.fmt.name), q.per_channel, reduce_range)
         return {"quantized_ops": ops, "quantization": {"mode": "dynamic", "weights": "int8",
-                                                       "per_channel": q.per_channel, "reduce_range": q.reduce_range}}
+                                                       "per_channel": q.per_channel, "reduce_range": reduce_range,
+                                                       "reduce_range_chosen_by": why,
+                                                       "built_on_cpu_int8": int8_dot_product() or ["none (AVX2 or older)"]}}
 
 
 class StaticInt8(Builder):
