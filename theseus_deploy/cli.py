@@ -70,11 +70,24 @@ class LazyGroup(click.Group):
             raise CliError(str(e)) from None
         except Exception as e:
             # A full disk is the user's to fix, not a bug: one line (outputs are atomic, nothing half-written).
-            # torch.save / safetensors wrap the OSError in their own exception types, hence the message test.
-            if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _DISK_FULL in str(e):
-                where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+            full = _disk_full(e)
+            if full is not None:
+                where = f" writing {full.filename}" if getattr(full, "filename", None) else ""
                 raise CliError(f"no space left on device{where}; nothing was written") from None
             raise
+
+
+def _disk_full(e: BaseException):
+    """The exception of `e`'s chain that says the disk is full, or None. torch.save and safetensors
+    report it in their own types: safetensors in the message, torch's writer as `RuntimeError ...
+    unexpected pos` whose context (or cause) is the OSError(ENOSPC)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _DISK_FULL in str(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _click_type(tp, choices):

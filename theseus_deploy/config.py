@@ -174,7 +174,8 @@ class TrainConfig(DataConfig):
     save_steps: int | None = opt(None, "Write a resumable checkpoint every N steps (default: same as --eval-steps).",
                                  resume=True, ge=1)
     early_stopping_patience: int | None = opt(None, "Stop after this many evaluations without improvement.", resume=True, ge=1)
-    seed: int = opt(42, "Random seed (data order, dropout, replacement draws).", resume=True)
+    seed: int = opt(42, "Random seed (data order, dropout, replacement draws); a 64-bit integer (torch's seed range).",
+                    resume=True, ge=-(2 ** 63), le=2 ** 64 - 1)
     mixed_precision: str = opt("no", "Mixed precision via accelerate.", choices=["no", "fp16", "bf16"], resume=True)
     overwrite: bool = opt(False, "Replace a non-empty output folder.")
     log_steps: int = opt(10, "Log training loss every N steps.", ge=1)
@@ -275,7 +276,8 @@ class ProfileConfig:
     """The largest shape export builds and validates for, and TensorRT's one optimisation profile."""
 
     max_batch_size: int = opt(32, "Largest batch (TensorRT profile max).", ge=1)
-    max_seq_length: int = opt(512, "Longest sequence (TensorRT profile max; capped at the model's position limit).", ge=1)
+    max_seq_length: int | None = opt(None, "Longest sequence (TensorRT profile max). Default: 512, or the model's position "
+                                           "limit when smaller; a value above that limit is refused.", ge=1)
     opt_batch_size: int | None = opt(None, "TensorRT profile opt batch (default: max/2).", ge=1)
     opt_seq_length: int | None = opt(None, "TensorRT profile opt sequence length (default: max/2).", ge=1)
 

@@ -207,12 +207,51 @@ def _read_table(path: str) -> list[dict]:
         else:
             raise UsageError(f"unsupported data file type '{suffix}' (use .csv, .tsv, .json or .jsonl): {path}")
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
-        raise UsageError(f"could not parse {path}: {e}") from None
-    if not rows:
-        raise UsageError(f"no examples in {path}")
+        raise UsageError(f"could not parse {path}: {str(e).splitlines()[0][:200]}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise UsageError(f"could not parse {path}: JSON nested too deeply") from None
+    if not isinstance(rows, list) or not rows:
+        raise UsageError(f"no examples in {path}" if not rows else f"{path}: expected a list of records")
     if not all(isinstance(r, dict) for r in rows):
         raise UsageError(f"{path}: every record must be an object with named columns")
+    for i, r in enumerate(rows):
+        if None in r:  # csv.DictReader's key for fields beyond the header
+            raise UsageError(f"{path}: record {i + 1} has more fields than the header ({len(r) - 1} columns); "
+                             "quote fields that contain the delimiter")
     return rows
+
+
+def _columns(row: dict) -> str:
+    return ", ".join(str(k) for k in row)
+
+
+def label_key(value, path: str = "", where: str = "") -> str:
+    """The class a raw label names. Numbers are one class however they are spelt (`1`, `1.0`, ` 1`
+    and JSON 1 are class "1"); other strings are stripped of surrounding spaces; all-boolean JSON
+    labels are classes "false"/"true". Refused: empty, NaN/inf, non-scalar (UsageError)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)) or value is None:
+        raise UsageError(f"{path}: {where} label {value!r} is not a class name or a number")
+    text = str(value).strip()
+    if not text:
+        raise UsageError(f"{path}: {where} has an empty label")
+    if _is_number(text):
+        f = float(text)
+        if not np.isfinite(f):
+            raise UsageError(f"{path}: {where} label {text!r} is not a finite number")
+        return str(int(f)) if f == int(f) else repr(f)
+    return text
+
+
+def _label_keys(values, path: str) -> list[str]:
+    keys = [label_key(v, path, f"record {i + 1}") for i, v in enumerate(values)]
+    bools = [isinstance(v, bool) for v in values]
+    if any(bools) and not all(bools):
+        i = bools.index(not bools[0])
+        raise UsageError(f"{path}: labels mix booleans and other values (record {i + 1}: {values[i]!r}): "
+                         "use one kind (0/1, true/false or names)")
+    return keys
 
 
 def _is_number(x) -> bool:
@@ -237,20 +276,28 @@ def custom_spec(train_file: str | None, text_columns: str | None, label_column: 
             raise UsageError("--task custom needs --train-file (it defines the label set)")
         rows = _read_table(train_file)
         if label_column not in rows[0]:
-            raise UsageError(f"label column '{label_column}' not in {train_file} (columns: {', '.join(rows[0])})")
+            raise UsageError(f"label column '{label_column}' not in {train_file} (columns: {_columns(rows[0])})")
         values = [r.get(label_column) for r in rows]
-        numeric = all(_is_number(v) for v in values)
+        missing = [i for i, v in enumerate(values) if v is None]
+        if missing:
+            raise UsageError(f"{train_file}: record {missing[0] + 1} has no value for column {label_column} "
+                             f"({len(missing)} of {len(values)} records)")
+        keys = _label_keys(values, train_file)
+        numeric = all(_is_number(k) for k in keys) and not any(isinstance(v, bool) for v in values)
         if problem_type == "auto":
-            problem_type = "regression" if numeric and any(float(v) != int(float(v)) for v in values) else "classification"
+            problem_type = "regression" if numeric and any(float(k) != int(float(k)) for k in keys) else "classification"
         if problem_type == "regression":
+            if not numeric:
+                bad = next(v for v, k in zip(values, keys) if not _is_number(k) or isinstance(v, bool))
+                raise UsageError(f"{train_file}: regression labels must be finite numbers, got {bad!r}")
             label_names = []
         else:
-            uniq = {str(v) for v in values}
+            uniq = set(keys)
             label_names = sorted(uniq, key=lambda v: (float(v), v) if numeric else (0, v))
     metrics = ("pearson", "spearman") if not label_names else (("f1", "accuracy") if len(label_names) == 2 else ("accuracy",))
     positive = None
     if len(label_names) == 2:
-        positive = label_names[1] if positive_label is None else str(positive_label)
+        positive = label_names[1] if positive_label is None else label_key(positive_label, "--positive-label", "its")
         if positive not in label_names:
             raise UsageError(f"--positive-label '{positive_label}' is not one of the labels ({', '.join(label_names)})")
     elif positive_label is not None:
@@ -262,22 +309,27 @@ def _load_custom(spec: TaskSpec, path: str):
     rows = _read_table(path)
     for c in spec.columns + (spec.label_column,):
         if c not in rows[0]:
-            raise UsageError(f"column '{c}' not in {path} (columns: {', '.join(rows[0])})")
+            raise UsageError(f"column '{c}' not in {path} (columns: {_columns(rows[0])})")
     for i, r in enumerate(rows):  # JSON lines may differ per record; a short CSV row gives None
         gaps = [c for c in spec.columns + (spec.label_column,) if r.get(c) is None]
         if gaps:
             raise UsageError(f"{path}: record {i + 1} has no value for column(s) {', '.join(gaps)}")
+        odd = [c for c in spec.columns if isinstance(r[c], (dict, list, bool))]
+        if odd:
+            raise UsageError(f"{path}: record {i + 1}: column {odd[0]} holds {type(r[odd[0]]).__name__}, not text")
     texts = [(str(r[spec.columns[0]]), str(r[spec.columns[1]]) if len(spec.columns) > 1 else None) for r in rows]
     raw = [r[spec.label_column] for r in rows]
     if spec.is_regression:
-        if not all(_is_number(v) and np.isfinite(float(v)) for v in raw):
-            raise UsageError(f"{path}: regression labels must be finite numbers")
+        bad = [v for v in raw if isinstance(v, bool) or not _is_number(v) or not np.isfinite(float(v))]
+        if bad:
+            raise UsageError(f"{path}: regression labels must be finite numbers, got {bad[0]!r}")
         return texts, np.asarray([float(v) for v in raw], dtype=np.float32), path
+    keys = _label_keys(raw, path)
     index = {v: i for i, v in enumerate(spec.label_names)}
-    bad = sorted({str(v) for v in raw if str(v) not in index})
+    bad = sorted({k for k in keys if k not in index})
     if bad:
         raise UsageError(f"{path}: labels {bad[:5]} not among the training labels {list(spec.label_names)}")
-    return texts, np.asarray([index[str(v)] for v in raw], dtype=np.int64), path
+    return texts, np.asarray([index[k] for k in keys], dtype=np.int64), path
 
 
 def load_task(task: str, data_dir: str | None = None, split: str = "dev", max_samples: int | None = None,
@@ -422,7 +474,7 @@ def make_loader(tokenizer, encoded: Encoded, batch_size: int, shuffle: bool, see
         return dict(batch)
 
     n = len(encoded.features)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1000 + epoch) % 2 ** 64)) if shuffle else torch.arange(n)
     batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip_batches:]
     # A private generator: creating a loader iterator must not consume the global RNG (dropout),
     # or a resumed run would draw different dropout masks.

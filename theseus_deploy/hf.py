@@ -36,9 +36,24 @@ def load_config(name: str, **kwargs):
 
     source = check_model_source(name)
     try:
-        return AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"could not load model config '{name}': {str(e).splitlines()[0]}") from None
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise UsageError(f"could not load model config '{name}': {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    check_architecture(name, config)
+    return config
+
+
+def check_architecture(name: str, config) -> None:
+    """Every command handles encoder classifiers (BERT, RoBERTa, MPNet, ELECTRA, DistilBERT ...):
+    an encoder-decoder (T5, BART) or decoder-only model is refused here, in one line, not deep
+    inside training or the ONNX export."""
+    kind = getattr(config, "model_type", None) or "unknown"
+    if getattr(config, "is_encoder_decoder", False):
+        raise UsageError(f"model '{name}' is an encoder-decoder ({kind}): theseus-deploy handles encoder "
+                         "classifiers (BERT, RoBERTa, MPNet, ELECTRA, DistilBERT ...)")
+    if getattr(config, "is_decoder", False) or any("CausalLM" in a for a in (getattr(config, "architectures", None) or ())):
+        raise UsageError(f"model '{name}' is a decoder ({kind}): theseus-deploy handles encoder classifiers "
+                         "(BERT, RoBERTa, MPNet, ELECTRA, DistilBERT ...)")
 
 
 # What a tokenizer is saved as. A folder with none of them still "loads" in transformers 5 (a BERT
@@ -55,9 +70,26 @@ def load_tokenizer(name: str):
         raise UsageError(f"model folder has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])} ...): {name}; "
                          "save the tokenizer beside the model (tokenizer.save_pretrained)")
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"could not load a tokenizer for '{name}': {str(e).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # the tokenizers library raises a bare Exception for a JSON file that is not a tokenizer
+        if "No space left on device" in str(e):
+            raise
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"could not load a tokenizer for '{name}': {msg}") from None
+    if getattr(tokenizer, "pad_token", None) is None:
+        # Batches are padded everywhere (training, evaluation, validation, serving): found at the first batch otherwise.
+        raise UsageError(f"the tokenizer of '{name}' has no pad token: set one and save it "
+                         "(tokenizer.pad_token = ...; tokenizer.save_pretrained)")
+    return tokenizer
+
+
+def check_tokenizer_fits(name: str, config, tokenizer) -> None:
+    """Refuse a tokenizer with more ids than the model's embedding table (a config whose vocab_size
+    is smaller): real text would index past it (random ids below vocab_size pass every check)."""
+    n, vocab = len(tokenizer), getattr(config, "vocab_size", None)
+    if vocab is not None and n > vocab:
+        raise UsageError(f"model '{name}': its tokenizer has {n} tokens but config.json's vocab_size is {vocab}: "
+                         f"ids {vocab}..{n - 1} would index past the embedding table")
 
 
 def load_classifier(name: str, num_labels: int | None = None, **config_overrides):

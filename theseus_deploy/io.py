@@ -36,9 +36,72 @@ def _abs(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
+# File systems that are views of the kernel, not storage: an output there fails in odd ways
+# (EACCES, EINVAL, files that exist and cannot be written) or writes into the kernel's settings.
+PSEUDO_FS = ("proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+             "configfs", "fusectl", "bpf", "pstore", "efivarfs", "mqueue", "hugetlbfs", "binfmt_misc", "autofs",
+             "rpc_pipefs", "nsfs")
+# Beside an output O we write .O.lock, .O.tmp-XXXXXXXX, .O.old-PID and O.partial: its name must
+# leave room for them within the file system's name limit.
+SIBLING_ROOM = 24
+
+
+def _mount_type(path: Path) -> str | None:
+    """The file system type of the mount `path` (an existing path) lies on, from /proc/self/mounts."""
+    try:
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    best, kind = "", None
+    p = str(path)
+    for point, fstype in mounts:
+        point = point.replace("\\040", " ")
+        if (p == point or p.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def check_path(output: str | os.PathLike, what: str = "--output") -> Path:
+    """Refuse output paths no run can write: empty, a name the file system cannot hold (with the
+    temp names beside it), a path on a pseudo file system (/proc, /sys ...). Returns the absolute path."""
+    if output is None or not os.fspath(output).strip():
+        raise UsageError(f"{what} is empty: give a path")
+    if "\x00" in os.fspath(output):
+        raise UsageError(f"{what} contains a NUL character")
+    out = _abs(output)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        name_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_NAME_MAX")
+        path_max = os.pathconf(existing if existing.is_dir() else existing.parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    for part in out.parts[1:]:
+        n = len(os.fsencode(part))
+        limit = name_max - SIBLING_ROOM if part == out.name else name_max
+        if n > limit:
+            raise UsageError(f"{what}: the name '{part[:40]}...' is too long for the file system ({n} bytes; at most "
+                             f"{limit}{', leaving room for the temp and lock names beside it' if part == out.name else ''})")
+    if len(os.fsencode(str(out))) + SIBLING_ROOM > path_max:
+        raise UsageError(f"{what}: the path is too long for the file system ({len(os.fsencode(str(out)))} bytes)")
+    kind = _mount_type(existing.resolve())
+    if kind in PSEUDO_FS:
+        raise UsageError(f"{what} {output} lies on a pseudo file system ({kind}), not storage: choose another path")
+    return out
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
 def check_not_inside(output: str | os.PathLike, protected=(), what: str = "--output") -> None:
     """Refuse an output that is, or contains, a protected path (the model, the data, the current
-    folder): replacing it (`--overwrite`) or renaming over it would delete the source."""
+    folder): replacing it (`--overwrite`) or renaming over it would delete the source. An output
+    inside a model folder is refused too (`bench --update-baseline M/config.json` would replace the
+    model's own config): a run never writes into the folder it reads a model from."""
+    check_path(output, what)
     out = _abs(output).resolve()
     if out == out.parent:
         raise UsageError(f"{what} cannot be the file system root")
@@ -48,6 +111,9 @@ def check_not_inside(output: str | os.PathLike, protected=(), what: str = "--out
             name = "the current folder" if p == Path.cwd() else str(p)
             raise UsageError(f"{what} {output} would replace {name}" + ("" if src == out else " (it lies inside it)")
                              + ": choose another output")
+        if p != Path.cwd() and src in out.parents and _is_model_folder(src):
+            raise UsageError(f"{what} {output} lies inside the model folder {p}: a run never writes into its "
+                             "inputs; choose another path")
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected=()) -> Path:
@@ -62,14 +128,16 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool = False, protected
     return path
 
 
-def check_output_file(path: str | os.PathLike, overwrite: bool = False, protected=()) -> Path:
-    """The same rules for a single output file (`evaluate --output`)."""
-    check_not_inside(path, protected)
+def check_output_file(path: str | os.PathLike, overwrite: bool = False, protected=(), what: str = "--output") -> Path:
+    """The same rules for a single output file (`evaluate --output`, `bench --update-baseline`)."""
+    check_not_inside(path, protected, what)
     path = _abs(path)
     if path.is_dir():
-        raise UsageError(f"output path is a folder, expected a file: {path}")
+        raise UsageError(f"{what}: output path is a folder, expected a file: {path}")
     if path.exists() and not overwrite:
-        raise UsageError(f"output file exists: {path} (pass --overwrite to replace it)")
+        raise UsageError(f"{what}: output file exists: {path} (pass --overwrite to replace it)")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{what}: {path.parent} is not a folder")
     return path
 
 
@@ -117,14 +185,14 @@ def _rank() -> int:
 
 
 @contextlib.contextmanager
-def output_lock(output: str | os.PathLike):
+def output_lock(output: str | os.PathLike, what: str = "--output"):
     """Hold an exclusive, OS-released lock on `output` for the duration; UsageError if another live
     process holds it. Re-entrant within a process; under a multi-process launch only global rank 0
     takes it (the ranks of one run share the output). Parent folders it had to create for the lock
     file are removed again if they are still empty at the end (a failed run creates nothing)."""
     import fcntl
 
-    out = _abs(output)
+    out = check_path(output, what)  # before anything is created for the lock
     created = []
     d = out.parent
     while not d.exists():
@@ -132,8 +200,8 @@ def output_lock(output: str | os.PathLike):
         d = d.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    except (PermissionError, FileExistsError, NotADirectoryError) as e:
-        raise UsageError(f"cannot create the folder of --output {out}: {e.strerror or e}") from None
+    except (PermissionError, FileExistsError, NotADirectoryError, FileNotFoundError) as e:
+        raise UsageError(f"cannot create the folder of {what} {out}: {e.strerror or e}") from None
     lock = lock_path(out)
     key = str(lock)
     if key in _HELD or _rank() > 0:  # nested, or a non-main process of `accelerate launch`: rank 0 holds it
@@ -149,8 +217,8 @@ def output_lock(output: str | os.PathLike):
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError as e:
-            raise UsageError(f"cannot write beside --output {out} ({lock}: {e.strerror})") from None
+        except (PermissionError, FileNotFoundError, NotADirectoryError) as e:
+            raise UsageError(f"cannot write beside {what} {out} ({lock}: {e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -202,7 +270,7 @@ def _apply_umask(root: Path) -> None:
                 os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
-def locks_output(arg: str = "output"):
+def locks_output(arg: str = "output", what: str = "--output"):
     """Decorator: the function runs under `output_lock` of its argument `arg` ("output", or "cfg.output"
     for an attribute of an argument); no lock when that value is None."""
     import functools
@@ -218,9 +286,9 @@ def locks_output(arg: str = "output"):
             value = sig.bind(*args, **kwargs).arguments.get(name)
             if attr and value is not None:
                 value = getattr(value, attr, None)
-            if not value:
+            if value is None:
                 return fn(*args, **kwargs)
-            with output_lock(value):
+            with output_lock(value, what):
                 return fn(*args, **kwargs)
 
         return wrapper
@@ -241,11 +309,14 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False, protecte
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if path.exists():
+        if path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             path.rename(old)
             tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_symlink():  # --output LINK --overwrite: the link is replaced, what it points to is left alone
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
 

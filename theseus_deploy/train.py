@@ -7,6 +7,7 @@ every rank's RNG in checkpoints, who holds the output lock) are in dist.py (docs
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -23,7 +24,7 @@ from . import config as C
 from . import dist
 from .data import check_training_labels, encode, label_mapping, load_from_config, make_loader, positive_id
 from .errors import UsageError
-from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
+from .hf import check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
 from .io import atomic_output_dir, check_output_dir, check_output_file, dumps, write_json
 from .loyalty import describe, loyalty, to_data_order
 from .metrics import compute_metrics
@@ -133,6 +134,7 @@ class Recipe:
         self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
         self.spec = self.train_data.spec
         self.tokenizer = load_tokenizer(cfg.model)
+        check_tokenizer_fits(cfg.model, load_config(cfg.model), self.tokenizer)
         torch.manual_seed(cfg.seed)            # a new classifier head (finetune) depends on --seed
         self.model = self.build_model()        # sets self.hf_config
         self.mapping = mapping = label_mapping(self.spec, self.hf_config)
@@ -169,7 +171,7 @@ class Recipe:
         self.history: list[dict] = []
         self.pending = {"losses": [], "norms": [], "skipped": 0}  # for the next log line (skipped: since step 0)
         # Dropout: rank r draws from seed + r (one process: --seed as before), not every rank the same masks.
-        torch.manual_seed(cfg.seed + self.acc.process_index)
+        torch.manual_seed((cfg.seed + self.acc.process_index) % 2 ** 64)
         if self.resuming:
             self.load_checkpoint()
         return self
@@ -375,6 +377,8 @@ class Recipe:
             os.replace(tmp, self.work / "checkpoint.pt")
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the first checkpoint failed (a full disk): no empty O.partial/ left
+                self.work.rmdir()
             raise
 
     def read_checkpoint(self) -> dict:
@@ -572,7 +576,7 @@ class CompressRecipe(Recipe):
             raise UsageError(f"the replacement schedule reaches p = 1 only at step {self.scheduler.steps_to_full}, "
                              f"but the run has {self.total_steps} steps: the successor would never run alone "
                              "(lower --steps-to-full, raise --k, or train longer)")
-        self.replace_gen = torch.Generator().manual_seed(cfg.seed + 1)  # draws: their own RNG, resumable
+        self.replace_gen = torch.Generator().manual_seed((cfg.seed + 1) % 2 ** 64)  # draws: their own RNG, resumable
         self.last_p = self.scheduler(0)
         log(f"[compress] {self.theseus.predecessor_layers} -> {self.theseus.num_modules} layers, blocks "
             f"{self.theseus.blocks}, init from {self.theseus.init_from}, {cfg.scheduler} schedule "
@@ -715,7 +719,7 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     from .data import spec_from_model
 
     st = dist.state()  # under a launcher: each rank scores its share of the batches (predict), rank 0 reports
-    if cfg.output:
+    if cfg.output is not None:
         check_output_file(cfg.output, cfg.overwrite, protected=_inputs(cfg))
     model_config = load_config(cfg.model)
     check_max_seq_length(model_config, cfg.max_seq_length)
@@ -727,6 +731,7 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     if st.num_processes > 1:
         model.to(st.device)
     tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer_fits(cfg.model, model.config, tokenizer)
     mapping = label_mapping(data.spec, model.config)
     enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(model), mapping)
     t0 = time.time()
@@ -739,7 +744,7 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
         result.update(_reference_loyalty(cfg, data, to_data_order(logits, mapping), st))
     if not st.is_main_process:
         return result
-    if cfg.output:
+    if cfg.output is not None:
         write_json(cfg.output, result)
     if cfg.json:
         print(dumps(result, indent=2))

@@ -39,7 +39,8 @@ def _has_weights(path: Path) -> bool:
 def resolve_models(models, layers, workdir: Path) -> list[dict]:
     """Each --model as a folder with weights, or an export folder timed as it is; config-only
     folders (or --layers) get random weights."""
-    from theseus_deploy.hf import build_random_classifier, check_model_source, load_config, load_tokenizer
+    from theseus_deploy.hf import (build_random_classifier, check_model_source, check_tokenizer_fits, load_config,
+                                   load_tokenizer)
 
     if len(models) < 1:
         raise UsageError("give at least one --model (the first is the predecessor)")
@@ -54,6 +55,7 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
         if export is not None and n is not None:
             raise UsageError(f"--layers builds random weights; {m} is an export folder, timed as it is")
         config = load_config(m)
+        check_tokenizer_fits(m, config, load_tokenizer(m))  # a broken or too large tokenizer: refused before any timing
         random_init = export is None and (n is not None or (local.is_dir() and not _has_weights(local)))
         tag = f"{local.name if local.is_dir() else m.split('/')[-1]}-L{n or config.num_hidden_layers}"
         path = source
@@ -103,17 +105,24 @@ def model_backends(spec: dict, asked: list, device: str) -> list:
     return runnable
 
 
+@locks_output("cfg.update_baseline", what="--update-baseline")
 @locks_output("cfg.output")
 def run_bench(cfg, show_progress: bool = True) -> dict:
     """The whole bench of a BenchConfig; returns results.json's content (with `gate` when --check)."""
     asked = list(dict.fromkeys(cfg.backends))
     bs, ss = parse_ints(cfg.batch_sizes, "--batch-sizes"), parse_ints(cfg.seq_lens, "--seq-lens")
     check_backends(asked or ["torch"], cfg.device)
-    if cfg.check and not Path(cfg.check).is_file():
-        raise UsageError(f"baseline not found: {cfg.check}")
+    if cfg.check is not None:  # the baseline is read (and refused) now, not after the bench ran
+        from .gate import load_baseline
+
+        load_baseline(cfg.check)
     task, train_file = cfg.task, cfg.train_file
-    check_output_dir(cfg.output, cfg.overwrite,
-                     protected=[*cfg.models, cfg.check, cfg.data_dir, train_file, cfg.validation_file])
+    inputs = [*cfg.models, cfg.check, cfg.data_dir, train_file, cfg.validation_file]
+    check_output_dir(cfg.output, cfg.overwrite, protected=inputs)
+    if cfg.update_baseline is not None:  # the same rules as --output (inputs, --overwrite, atomic, lock), checked now
+        from theseus_deploy.io import check_output_file
+
+        check_output_file(cfg.update_baseline, cfg.overwrite, protected=[*inputs, cfg.output], what="--update-baseline")
     work = Path(tempfile.mkdtemp(prefix="theseus-bench-"))
     try:
         specs = resolve_models(list(cfg.models), list(cfg.layers), work)
@@ -246,7 +255,7 @@ def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -
                 f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
                         "results.json DIR draws them elsewhere).\n")
         write_json(tmp / "config.json", config)
-    if cfg.update_baseline:
+    if cfg.update_baseline is not None:
         write_json(cfg.update_baseline, G.baseline_from(results))
     return results
 

@@ -7,6 +7,7 @@ so a baseline taken on one machine gates a run on another of the same kind.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from theseus_deploy.errors import UsageError
@@ -24,16 +25,38 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def check(results: dict, baseline_path: str, tolerance: float) -> list[str]:
-    """Names of the cells whose ratio fell more than `tolerance` (relative) below the baseline."""
+def load_baseline(baseline_path: str) -> dict:
+    """{cell name: ratio} of a baseline file (`--update-baseline`'s, or a whole results.json);
+    UsageError naming the file for anything else (bench --check reads it before the bench runs)."""
     path = Path(baseline_path)
     if not path.is_file():
         raise UsageError(f"baseline not found: {baseline_path}")
     try:
-        base = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"baseline {baseline_path} is not valid JSON: {e}") from None
-    base_ratios = base["ratios"] if "ratios" in base else ratios(base)
+        base = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"baseline {baseline_path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read baseline {baseline_path}: {e.strerror or e}") from None
+    if isinstance(base, dict) and "ratios" in base:
+        out = base["ratios"]
+    elif isinstance(base, dict) and isinstance(base.get("speedups"), list):
+        try:
+            out = ratios(base)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"baseline {baseline_path}: a speedups entry lacks {e}") from None
+    else:
+        raise UsageError(f"baseline {baseline_path} has neither 'ratios' nor 'speedups' (write one with "
+                         "--update-baseline)")
+    if not isinstance(out, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                            and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                                            for k, v in out.items()):
+        raise UsageError(f"baseline {baseline_path}: 'ratios' must map cell names to positive finite numbers")
+    return out
+
+
+def check(results: dict, baseline_path: str, tolerance: float) -> list[str]:
+    """Names of the cells whose ratio fell more than `tolerance` (relative) below the baseline."""
+    base_ratios = load_baseline(baseline_path)
     now = ratios(results)
     failures = []
     for name, want in sorted(base_ratios.items()):

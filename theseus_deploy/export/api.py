@@ -15,7 +15,8 @@ from pathlib import Path
 
 from theseus_deploy.artifact import write_manifest
 from theseus_deploy.errors import UsageError
-from theseus_deploy.hf import check_model_source, load_classifier, load_config, load_tokenizer, max_positions
+from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
+                               load_config, load_tokenizer, max_positions)
 from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output
 from theseus_deploy.io import sha256_file as _sha256
 from theseus_deploy.registry import FORMATS
@@ -25,6 +26,8 @@ from .formats import BuildContext, check_calibration_flags
 from .trt import Profile
 from .validate import check_task_drop, shapes_for, task_metric
 from .validate import validate as check
+
+DEFAULT_MAX_SEQ_LENGTH = 512  # export's --max-seq-length when none is given (capped at the position table)
 
 
 def max_opset() -> int:
@@ -83,8 +86,11 @@ def export_model(cfg) -> dict:
     check_model_source(model_dir)
     config = load_config(model_dir)
     max_seq = profile_cfg.max_seq_length
-    profile = Profile.from_flags(profile_cfg.max_batch_size, min(max_seq, max_positions(config) or max_seq),
-                                 profile_cfg.opt_batch_size, profile_cfg.opt_seq_length)
+    if max_seq is None:  # the default: 512, or the model's position limit when that is smaller
+        max_seq = min(DEFAULT_MAX_SEQ_LENGTH, max_positions(config) or DEFAULT_MAX_SEQ_LENGTH)
+    check_max_seq_length(config, max_seq)  # an explicit length above the position table: refused, not clipped
+    profile = Profile.from_flags(profile_cfg.max_batch_size, max_seq, profile_cfg.opt_batch_size,
+                                 profile_cfg.opt_seq_length)
     todo = []
     for f in formats:  # dependencies first
         todo += [d for d in FORMATS[f].needs if d not in todo] + ([f] if f not in todo else [])
@@ -100,6 +106,7 @@ def export_model(cfg) -> dict:
     check_output_dir(output, cfg.overwrite, protected=[model_dir, cfg.data_dir, cfg.calibration.file])
     # The model and tokenizer load (and are checked: weights match the config, finite) before any file is written.
     reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
+    check_tokenizer_fits(model_dir, config, tokenizer)
     ctx.tokenizer = tokenizer
     data = None
     if cfg.task:
