@@ -48,7 +48,6 @@ def test_the_flag_pair_overrides_and_the_manifest_records(tiny_bert, tmp_path, m
 RUN_INT8 = r"""
 import sys, numpy as np, onnxruntime as ort
 sys.path.insert(0, sys.argv[3])
-from theseus_deploy.export.validate import VALIDATION_SHAPES
 so = ort.SessionOptions(); so.intra_op_num_threads = 1
 s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
 feeds = dict(np.load(sys.argv[2]))
@@ -65,14 +64,14 @@ def test_on_an_emulated_avx2_cpu_the_default_artifact_does_not_saturate(tiny_rob
     bit; 8-bit weights there gave 0.00784 vs 0.00029 (the failure this default fixes)."""
     from theseus_deploy.config import ExportConfig
     from theseus_deploy.export.api import export_model
-    from theseus_deploy.export.runtime import _random_ids
+    from theseus_deploy.runtime import random_inputs
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: set(AVX2_ONLY))
     out = tmp_path / "e"
     export_model(ExportConfig.of(model=str(tiny_roberta), formats=["onnx-int8"], output=str(out), max_seq_length=64,
                                  validate=False))
     names = json.loads((out / "manifest.json").read_text())["input_names"]
-    feeds = _random_ids(3, 37, json.loads((out / "config.json").read_text())["vocab_size"], names, seed=101, padded=True)
+    feeds = random_inputs(3, 37, json.loads((out / "config.json").read_text())["vocab_size"], names, seed=101, padded=True)
     results = {}
     for where, prefix in (("host", []), ("haswell", ["qemu-x86_64", "-cpu", "Haswell-v4"])):
         np.savez(tmp_path / f"{where}.npz", **feeds)

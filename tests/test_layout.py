@@ -11,7 +11,7 @@ from conftest import REPO
 PKG = REPO / "theseus_deploy"
 # rooms: a top-level module or subpackage of theseus_deploy
 CORE = {"errors", "deps", "dist", "config", "registry", "io", "arch", "hf", "data", "metrics", "modeling", "optim", "schedulers",
-        "distill", "loyalty"}
+        "distill", "loyalty", "cpu"}
 MIDDLE = {"artifact", "runtime"}
 COMMANDS = {"export", "bench", "sweep", "serve", "train", "cli", "__main__"}
 LEVEL = {**{r: 0 for r in CORE}, **{r: 1 for r in MIDDLE}, **{r: 2 for r in COMMANDS}}
