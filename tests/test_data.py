@@ -254,3 +254,26 @@ def test_positive_label_declared_by_task_and_flag(tmp_path):
         custom_spec(f, "text", "y", positive_label="maybe")
     with pytest.raises(UsageError, match="--positive-label is for --task custom"):
         load_task("mrpc", str(tmp_path), "dev", positive_label="equivalent")
+
+
+def test_numeric_labels_are_one_class_however_spelt(tmp_path):
+    """`1`, `1.0`, ` 1` (and JSON 1) are one class, not three; all-boolean JSON labels are false/true."""
+    f = tmp_path / "t.csv"
+    f.write_text("text,y\n" + "".join(f"t{i},{lab}\n" for i, lab in enumerate(["0", "1", "1.0", " 1", "0.0", "0"])))
+    d = load_task("custom", split="train", train_file=str(f), text_columns="text", label_column="y")
+    assert d.spec.label_names == ("0", "1") and d.labels.tolist() == [0, 1, 1, 1, 0, 0]
+    j = tmp_path / "t.jsonl"
+    j.write_text("".join(json.dumps({"text": f"t{i}", "y": v}) + "\n" for i, v in enumerate([1, 1.0, 0, "1"])))
+    assert custom_spec(str(j), "text", "y").label_names == ("0", "1")
+    b = tmp_path / "b.jsonl"
+    b.write_text("".join(json.dumps({"text": f"t{i}", "y": v}) + "\n" for i, v in enumerate([True, False, True])))
+    assert custom_spec(str(b), "text", "y").label_names == ("false", "true")
+
+
+@pytest.mark.parametrize("labels, msg", [(["1", "nan", "0"], "not a finite number"), (["1", "inf", "0"], "not a finite"),
+                                         (["1", "", "0"], "empty label"), ([True, 1, False], "mix booleans")])
+def test_labels_that_name_no_class_are_refused(tmp_path, labels, msg):
+    j = tmp_path / "t.jsonl"
+    j.write_text("".join(json.dumps({"text": f"t{i}", "y": v}) + "\n" for i, v in enumerate(labels)))
+    with pytest.raises(UsageError, match=msg):
+        custom_spec(str(j), "text", "y")

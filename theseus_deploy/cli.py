@@ -27,7 +27,21 @@ class CliError(click.ClickException):
     exit_code = 2
 
     def show(self, file=None):
+        _close_progress_bars()
         click.echo(f"error: {self.message}", err=True)
+
+
+def _close_progress_bars() -> None:
+    """End every open tqdm bar first: a bar leaves its line open (`\r` redraws, no newline), and the
+    error line would be glued to it (`train:  50%|...|\rerror: ...`)."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None:
+        return
+    for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar of a finished thread: nothing to end
+            pass
 
 
 class LazyGroup(click.Group):
@@ -53,6 +67,7 @@ class LazyGroup(click.Group):
         try:
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
+            _close_progress_bars()
             click.echo(f"error: {' '.join(e.format_message().split())}", err=True)
             sys.exit(2)
         except click.ClickException as e:
@@ -141,27 +156,30 @@ def cli():
 @options_from(C.FinetuneConfig, required=("model", "task", "output"))
 def finetune(**kwargs):
     """Fine-tune a model on a task; the result is the predecessor for `compress`."""
+    cfg = C.FinetuneConfig(**kwargs)  # flags checked before torch is imported (seconds)
     from .train import run_finetune
 
-    run_finetune(C.FinetuneConfig(**kwargs))
+    run_finetune(cfg)
 
 
 @cli.command()
 @options_from(C.CompressConfig, required=("model", "task", "output"))
 def compress(**kwargs):
     """Compress a fine-tuned predecessor into a shallower successor (BERT-of-Theseus)."""
+    cfg = C.CompressConfig(**kwargs)  # flags checked before torch is imported (seconds)
     from .train import run_compress
 
-    run_compress(C.CompressConfig(**kwargs))
+    run_compress(cfg)
 
 
 @cli.command()
 @options_from(C.EvaluateConfig, required=("model", "task"))
 def evaluate(**kwargs):
     """Score a model folder on a task's dev split."""
+    cfg = C.EvaluateConfig(**kwargs)  # flags checked before torch is imported (seconds)
     from .train import run_evaluate
 
-    run_evaluate(C.EvaluateConfig(**kwargs))
+    run_evaluate(cfg)
 
 
 def main(argv=None):

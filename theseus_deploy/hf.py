@@ -110,6 +110,10 @@ def load_classifier(name: str, num_labels: int | None = None, **config_overrides
         config.num_labels = num_labels
     for k, v in config_overrides.items():
         setattr(config, k, v)
+    verbosity = hf_logging.get_verbosity()
+    # transformers logs a load report (a table of every missing/unexpected key, 22-58 lines on a
+    # mismatched checkpoint) before we can say in one line what is wrong: check_loaded says it.
+    hf_logging.set_verbosity_error()
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             check_model_source(name), config=config, dtype=torch.float32, ignore_mismatched_sizes=new_head,
@@ -119,6 +123,8 @@ def load_classifier(name: str, num_labels: int | None = None, **config_overrides
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"could not load model '{name}': {msg}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     check_loaded(name, model, info)
     return model
 

@@ -275,45 +275,47 @@ class Recipe:
         log(f"[{self.kind}] {len(self.train_enc.features)} train / {len(self.dev_enc.features)} dev examples, "
             f"{self.total_steps} steps ({self.epochs:g} epochs of {self.steps_per_epoch}), lr {self.lr:g}")
         progress = _progress(self.total_steps, self.step, self.acc.is_main_process)
-        for batch in self.batches():
-            if self.before_step():
-                loss, grad_norm = self.train_step(batch)
-                losses.append(dist.mean(loss))  # the mean over ranks: the same global figure on every rank
-                if grad_norm is not None:
-                    norms.append(grad_norm)
-            else:
-                # Every module drew its predecessor: no trainable tensor in the graph, nothing
-                # to learn; the schedules still advance so p and lr follow the step count.
-                self.pending["skipped"] += 1
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
-                self.lr_schedule.step()
-            self.step += 1
-            progress.update(1)
+        try:  # the bar is ended (its line closed) before any error line, never glued to it
+            for batch in self.batches():
+                if self.before_step():
+                    loss, grad_norm = self.train_step(batch)
+                    losses.append(dist.mean(loss))  # the mean over ranks: the same global figure on every rank
+                    if grad_norm is not None:
+                        norms.append(grad_norm)
+                else:
+                    # Every module drew its predecessor: no trainable tensor in the graph, nothing
+                    # to learn; the schedules still advance so p and lr follow the step count.
+                    self.pending["skipped"] += 1
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+                    self.lr_schedule.step()
+                self.step += 1
+                progress.update(1)
 
-            last, stop = self.step == self.total_steps, False
-            if self.step % cfg.log_steps == 0 or last:
-                rec = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
-                       "grad_norm": float(np.mean(norms)) if norms else None,
-                       "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": self.pending["skipped"],
-                       "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
-                self.history.append(rec)
-                progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
-                                      for k, v in rec.items() if k in ("loss", "p")})
-                losses.clear()
-                norms.clear()
-            if self.step % self.eval_steps == 0 or last:
-                stop = self.evaluate_and_track()
-            if self.step % self.save_steps == 0 and not last:
-                self.save_checkpoint()
-            stop_at = getattr(self.cfg, "stop_after_steps", None)
-            if stop_at is not None and self.step >= stop_at:
-                self.save_checkpoint()
-                self.paused = True
-                break
-            if stop:
-                break
-        progress.close()
+                last, stop = self.step == self.total_steps, False
+                if self.step % cfg.log_steps == 0 or last:
+                    rec = {"step": self.step, "loss": float(np.mean(losses)) if losses else None,
+                           "grad_norm": float(np.mean(norms)) if norms else None,
+                           "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": self.pending["skipped"],
+                           "elapsed_s": round(time.time() - t0, 2), **self.step_log()}
+                    self.history.append(rec)
+                    progress.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v)
+                                          for k, v in rec.items() if k in ("loss", "p")})
+                    losses.clear()
+                    norms.clear()
+                if self.step % self.eval_steps == 0 or last:
+                    stop = self.evaluate_and_track()
+                if self.step % self.save_steps == 0 and not last:
+                    self.save_checkpoint()
+                stop_at = getattr(self.cfg, "stop_after_steps", None)
+                if stop_at is not None and self.step >= stop_at:
+                    self.save_checkpoint()
+                    self.paused = True
+                    break
+                if stop:
+                    break
+        finally:
+            progress.close()
         return self
 
     def evaluate_and_track(self) -> bool:
