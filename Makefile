@@ -21,6 +21,7 @@ $(VENV)/.installed: setup.py requirements-cpu.txt constraints.txt
 install: $(VENV)/.installed
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 test-gpu: install

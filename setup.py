@@ -1,11 +1,18 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The one version source: theseus_deploy/__init__.py (the CLI's --version and the manifests read it there).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "theseus_deploy" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 SERVE = ["tritonclient[grpc,http]>=2.50,<3", "pyzmq>=23", "sh>=1.14", "typing_inspect>=0.6", "wrapt>=1.11",
          "typer>=0.9", "importlib_metadata>=7", "aiohttp>=3.8,<4"]
 
 setup(
     name="theseus-deploy",
-    version="0.1.0",
+    version=VERSION,
     description="BERT-of-Theseus compression, ONNX/TensorRT export and latency benchmarks for BERT-family classifiers",
     python_requires=">=3.10",
     packages=find_packages(include=["theseus_deploy*"]),
@@ -35,7 +42,7 @@ setup(
         # stub, so `make install` installs it with --no-deps and gives the stub its own environment
         # (<venv>/triton-stub-env, see theseus_deploy/serve/server.py); these are its other dependencies.
         "serve": SERVE,
-        "dev": ["pytest>=7"] + SERVE,
+        "dev": ["pytest>=7", "ruff>=0.6"] + SERVE,
     },
     entry_points={"console_scripts": ["theseus-deploy=theseus_deploy.cli:main"]},
 )

@@ -316,7 +316,8 @@ def bench_lines(root: Path) -> list[str]:
     layers = [m["config"].get("num_hidden_layers") for m in r["models"]]
     lines = ["", f"## Speed: {layers[1]}-layer successor vs {layers[0]}-layer predecessor (`python scripts/results.py bench`)", "",
              f"{env.get('cpu')} ({', '.join(env.get('cpu_flags') or ['no AVX512/AMX flags'])}), {env.get('torch_threads')} threads, "
-             f"torch {env.get('versions', {}).get('torch')}, onnxruntime {env.get('versions', {}).get('onnxruntime')}; random-id inputs at the shapes below; median of "
+             f"torch {env.get('versions', {}).get('torch')}, onnxruntime {env.get('versions', {}).get('onnxruntime')}; "
+             "random-id inputs at the shapes below; median of "
              f"{r['config']['rounds']} interleaved paired ratios [min-max]. Speed depends on shapes, not on the task's "
              f"weights (models: `{r['models'][0]['source']}` vs `{r['models'][1]['source']}`).", "",
              "| backend | batch | seq | successor vs predecessor, same backend | ideal (FLOPs) | successor vs predecessor PyTorch fp32 |",

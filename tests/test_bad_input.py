@@ -380,7 +380,8 @@ def exported(env, tmp_path_factory):
     from theseus_deploy.export.api import export_model
 
     out = tmp_path_factory.mktemp("exp") / "e"
-    export_model(ExportConfig.of(model=str(env["models"]["base"]), formats=["onnx"], output=str(out), max_seq_length=32))
+    export_model(ExportConfig.of(model=str(env["models"]["base"]), formats=["onnx"], output=str(out),
+                                 max_seq_length=32))
     return out
 
 

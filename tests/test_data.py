@@ -169,7 +169,7 @@ OFFICIAL = {
     ("MNLI", "dev_mismatched.tsv"): [
         "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
         "sentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3\tlabel4\tlabel5\tgold_label",
-        "0\t1\t1c\tletters\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tIt is day.\tIt is night.\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction"],
+        "0\t1\t1c\tletters\t( a )\t( b )\t(ROOT a)\t(ROOT b)\tIt is day.\tIt is night.\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction\tcontradiction"],  # noqa: E501
     ("QNLI", "dev.tsv"): ["index\tquestion\tsentence\tlabel",
                           "0\tWhat is red?\tA rose is red.\tentailment",
                           "1\tWho won?\tIt rained all day.\tnot_entailment"],
@@ -277,3 +277,27 @@ def test_labels_that_name_no_class_are_refused(tmp_path, labels, msg):
     j.write_text("".join(json.dumps({"text": f"t{i}", "y": v}) + "\n" for i, v in enumerate(labels)))
     with pytest.raises(UsageError, match=msg):
         custom_spec(str(j), "text", "y")
+
+
+def test_the_library_guesses_no_data_folder_the_cli_finds_the_workspace_one(tiny_bert, monkeypatch, tmp_path):
+    """README: --data-dir, else $THESEUS_DATA_DIR, else ../shared/data/glue if it exists, else the hub. The
+    last default belongs to the command line; `data.resolve_data_dir` itself never looks beside the cwd."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, write_synthetic_glue
+    from theseus_deploy.cli import workspace_data_dir
+
+    glue = write_synthetic_glue(tmp_path / "shared" / "data" / "glue")
+    (tmp_path / "clone").mkdir()
+    monkeypatch.chdir(tmp_path / "clone")
+    monkeypatch.delenv("THESEUS_DATA_DIR", raising=False)
+    assert resolve_data_dir(None) is None
+    assert workspace_data_dir() == str(glue)
+    env = {k: v for k, v in os.environ.items() if k != "THESEUS_DATA_DIR"}
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", "evaluate", "--model", str(tiny_bert), "--task", "sst2",
+                        "--max-seq-length", "16", "--json"], capture_output=True, text=True,
+                       env={**env, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["data_source"] == str(glue / "SST-2" / "dev.tsv")

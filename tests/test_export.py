@@ -30,7 +30,8 @@ FORMATS = ["onnx", "onnx-int8", "onnx-fp16"]
 @pytest.fixture(scope="module")
 def bert_export(tiny_bert, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "bert"
-    manifest = export_model(ExportConfig.of(model=str(tiny_bert), formats=FORMATS + ["torch-bf16"], output=str(out), max_seq_length=128))
+    manifest = export_model(ExportConfig.of(model=str(tiny_bert), formats=FORMATS + ["torch-bf16"], output=str(out),
+                                            max_seq_length=128))
     return out, manifest
 
 
@@ -172,7 +173,8 @@ def test_trt_engine_builds_and_matches(tiny_bert, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["trt"], output=str(tmp_path / "t"), max_batch_size=8, max_seq_length=128))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["trt"], output=str(tmp_path / "t"),
+                                     max_batch_size=8, max_seq_length=128))
     art = m["artifacts"][0]
     assert art["format"] == "trt" and art["profile"]["max"] == [8, 128]
     assert all(s["max_abs_diff"] <= s["tolerance"] for s in art["validation"]["shapes"])
@@ -184,7 +186,8 @@ def test_task_level_check(tiny_bert, tmp_path, glue_dir):
     check_task_drop("onnx-int8", 0.905, 0.91)  # half a point: allowed
     with pytest.raises(TaskMetricDrop, match=r"onnx-int8: dev score 0.8900 is 0.0200 below PyTorch's 0.9100"):
         check_task_drop("onnx-int8", 0.89, 0.91)
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(tmp_path / "t"), max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(tmp_path / "t"),
+                                     max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64))
     assert m["task"]["pytorch"]["score"] > 0 and "delta_vs_pytorch" in m["artifacts"][0]["validation"]["task"]
     assert [a["format"] for a in m["artifacts"]] == ["onnx-int8"]  # the fp32 graph it was built from is not kept
     assert not (tmp_path / "t" / "model.onnx").exists()
@@ -201,7 +204,8 @@ def test_validation_inputs_are_padded_like_real_batches():
 
 def test_plain_fp16_graph_for_tensorrt(tiny_bert, tmp_path):
     """TensorRT's parser knows only standard ONNX ops: its fp16 graph must carry no ORT fusions."""
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-fp16-trt"], output=str(tmp_path / "t"), max_seq_length=128))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-fp16-trt"], output=str(tmp_path / "t"),
+                                     max_seq_length=128))
     art = m["artifacts"][0]
     assert art["file"] == "model-fp16-trt.onnx" and art["ops"]["standard_ops_only"]
     graph = onnx.load(str(tmp_path / "t" / "model-fp16-trt.onnx")).graph
@@ -261,7 +265,8 @@ def test_unfused_attention_fails_with_one_line_naming_onnxruntime(tiny_bert, tmp
     assert "no EmbedLayerNormalization" in line and "--allow-unfused" in line
     assert not out.exists()
     # the flag keeps the unfused graph, and the manifest says what was (not) fused
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx"], output=str(out), validate=False, allow_unfused=True))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx"], output=str(out), validate=False,
+                                     allow_unfused=True))
     ops = m["artifacts"][0]["fused_ops"]
     assert ops["Attention"] == 0 and ops["EmbedLayerNormalization"] == 0 and (out / "model.onnx").is_file()
 

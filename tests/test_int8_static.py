@@ -16,7 +16,9 @@ from theseus_deploy.runtime import TextClassifier, load_runner
 @pytest.fixture(scope="module")
 def static_export(tiny_bert, glue_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("static") / "bert"
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(out), max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64, calibration_samples=16))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(out),
+                                     max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64,
+                                     calibration_samples=16))
     return out, m
 
 
@@ -57,7 +59,11 @@ def test_static_int8_loads_and_agrees(static_export, tiny_bert):
 def test_qoperator_and_custom_calibration_file(tiny_bert, tmp_path):
     rows = [{"text": f"{'a fine film ' * (i % 4 + 1)}number {i}"} for i in range(12)]
     (tmp_path / "calib.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8", "onnx-int8-static"], output=str(tmp_path / "o"), max_seq_length=32, calibration_task="custom", calibration_file=str(tmp_path / "calib.jsonl"), calibration_text_columns="text", calibration_samples=100, int8_static_format="qoperator", int8_static_attention="fp32"))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8", "onnx-int8-static"],
+                                     output=str(tmp_path / "o"), max_seq_length=32, calibration_task="custom",
+                                     calibration_file=str(tmp_path / "calib.jsonl"), calibration_text_columns="text",
+                                     calibration_samples=100, int8_static_format="qoperator",
+                                     int8_static_attention="fp32"))
     art = {a["format"]: a for a in m["artifacts"]}["onnx-int8-static"]
     assert art["quantized_ops"]["QLinearMatMul"] > 0 and art["quantized_ops"]["QAttention"] == 0
     assert art["quantized_ops"]["Attention"] == 4  # kept fp32 when asked
@@ -72,7 +78,10 @@ def test_calibration_changes_the_scales(tiny_bert, tmp_path):
 
     def scales(texts, name):
         (tmp_path / f"{name}.csv").write_text("t\n" + "\n".join(texts) + "\n")
-        export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(tmp_path / name), max_seq_length=32, validate=False, calibration_task="custom", calibration_file=str(tmp_path / f"{name}.csv"), calibration_text_columns="t", calibration_samples=8))
+        export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(tmp_path / name),
+                                     max_seq_length=32, validate=False, calibration_task="custom",
+                                     calibration_file=str(tmp_path / f"{name}.csv"), calibration_text_columns="t",
+                                     calibration_samples=8))
         g = onnx.load(str(tmp_path / name / "model-int8-static.onnx")).graph
         return {i.name: onnx.numpy_helper.to_array(i).tolist() for i in g.initializer if i.name.endswith("_scale")}
 
@@ -98,7 +107,8 @@ def test_bad_calibration_input(args, msg, tiny_bert, tmp_path):
 
 def test_calibration_flags_without_static_format(tiny_bert, tmp_path):
     with pytest.raises(UsageError, match="only apply to --format onnx-int8-static"):
-        export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(tmp_path / "o"), calibration_task="sst2"))
+        export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(tmp_path / "o"),
+                                     calibration_task="sst2"))
     assert not (tmp_path / "o").exists()
 
 
@@ -124,7 +134,9 @@ def test_bench_static_backend(tiny_bert, tmp_path):
 
 
 def test_fully_static_attention_has_no_dynamic_quantisation(tiny_bert, glue_dir, tmp_path):
-    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(tmp_path / "o"), max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64, calibration_samples=16, int8_static_attention="static"))
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(tmp_path / "o"),
+                                     max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64,
+                                     calibration_samples=16, int8_static_attention="static"))
     (art,) = m["artifacts"]
     ops = art["quantized_ops"]
     assert ops["QAttention"] == 4 and ops["DynamicQuantizeLinear"] == 0 and ops["QuantizeLinear"] > 0

@@ -1,16 +1,22 @@
 """`theseus-deploy sweep`: the decision on known numbers, and a whole sweep on a tiny model
 (kill and resume, re-deciding without retraining, best/ loads, bad input)."""
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_tiny_model
+from conftest import REPO, make_tiny_model
 from test_train import write_toy
 from theseus_deploy.cli import cli
 from theseus_deploy.config import SweepConfig
 from theseus_deploy.errors import UsageError
-from theseus_deploy.sweep.api import SweepStopped, parse_depths, run_sweep
+from theseus_deploy.sweep.api import parse_depths, run_sweep
 from theseus_deploy.sweep.pareto import Point, decide, frontier, nothing_message, parse_latency, parse_shape
 from theseus_deploy.sweep.progress import Progress
 
@@ -103,8 +109,10 @@ def test_progress_estimates_from_finished_stages():
     t = [0.0]
     p = Progress([("compress", "L4"), ("eval", "L4"), ("compress", "L2"), ("eval", "L2")], clock=lambda: t[0])
     assert "remaining ? + 2 compress not yet timed + 2 eval not yet timed" in p.line(0)
-    p.start(0); t[0] = 100.0; p.finish(0)
-    p.start(1); t[0] = 110.0; p.finish(1)
+    for i, now in ((0, 100.0), (1, 110.0)):
+        p.start(i)
+        t[0] = now
+        p.finish(i)
     line = p.line(2)
     assert "compress L2" in line and "elapsed 0:01:50" in line and "remaining ~0:01:50" in line
 
@@ -135,7 +143,7 @@ def args(setup, out, *extra):
 
 
 def cfg_from(argv):
-    """The SweepConfig the CLI would build (for the library entry point with stop_after)."""
+    """The SweepConfig the CLI would build (for the library entry point)."""
     holder = {}
     from theseus_deploy.sweep import command
 
@@ -148,26 +156,53 @@ def cfg_from(argv):
     return SweepConfig.of(**holder)
 
 
+def kill_after(argv, out, stage, what, timeout=600):
+    """Run `theseus-deploy sweep` in a real process and SIGKILL it as soon as stages.jsonl records
+    (stage, what) finished; returns the stages it logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "theseus_deploy", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    log = out / "stages.jsonl"
+    try:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            lines = log.read_text().splitlines() if log.is_file() else []
+            if any((json.loads(x)["stage"], json.loads(x)["what"]) == (stage, what) for x in lines if x.strip()):
+                proc.send_signal(signal.SIGKILL)
+                break
+            assert proc.poll() is None, "the sweep ended before it could be killed"
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"{stage} {what} did not finish within {timeout} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return [(json.loads(x)["stage"], json.loads(x)["what"]) for x in log.read_text().splitlines() if x.strip()]
+
+
+ORDER = [("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2"), ("eval", "L2"), ("export", "L2 onnx"), ("latency", "1x16")]
+
+
 def test_killed_sweep_resumes_and_redecides_without_retraining(setup, tmp_path):
     out = tmp_path / "s"
-    cfg = cfg_from(args(setup, out, "--latency-budget", "10s"))
+    argv = args(setup, out, "--latency-budget", "10s")
     # stages: eval L4, export L4 onnx, compress L2, eval L2, export L2 onnx, latency: killed after compress L2
-    with pytest.raises(SweepStopped):
-        run_sweep(cfg, stop_after=3, show_progress=False)
+    before = kill_after(argv, out, "compress", "L2")
+    assert before == ORDER[:len(before)] and len(before) >= 3
     weights = out / "L2" / "model" / "model.safetensors"
-    assert weights.is_file() and not (out / "L2" / "eval.json").exists() and not (out / "sweep.json").exists()
+    assert weights.is_file() and not (out / "sweep.json").exists()
     mtime = weights.stat().st_mtime_ns
 
+    cfg = cfg_from(argv)
     rec = run_sweep(cfg, show_progress=False)
-    reused = {(s["stage"], s["what"]) for s in rec["stages"] if s["reused"]}
-    assert reused == {("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2")}
+    reused = [(s["stage"], s["what"]) for s in rec["stages"] if s["reused"]]
+    assert reused == before  # every stage the killed run finished, and only those
     log = [json.loads(x) for x in (out / "stages.jsonl").read_text().splitlines()]
-    assert [(x["stage"], x["what"]) for x in log] == [("eval", "L4"), ("export", "L4 onnx"), ("compress", "L2"),
-                                                      ("eval", "L2"), ("export", "L2 onnx"), ("latency", "1x16")]
+    assert [(x["stage"], x["what"]) for x in log] == ORDER
     assert weights.stat().st_mtime_ns == mtime
     report = (out / "report.md").read_text()
 
-    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s"), catch_exceptions=False)
+    r = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     rec2 = json.loads((out / "sweep.json").read_text())
     assert all(s["reused"] for s in rec2["stages"]) and (out / "report.md").read_text() == report
@@ -248,15 +283,94 @@ def test_bad_input_exit_2_nothing_written(setup, tmp_path, extra, msg):
 
 def test_other_settings_refused_overwrite_starts_over(setup, tmp_path):
     out = tmp_path / "s"
-    cfg = cfg_from(args(setup, out))
-    with pytest.raises(SweepStopped):
-        run_sweep(cfg, stop_after=1, show_progress=False)
+    kill_after(args(setup, out), out, "eval", "L4")
     r = CliRunner().invoke(cli, args(setup, out, "--seed", "7"))
     assert r.exit_code == 2 and "--seed 42 -> 7" in r.output and (out / "L4" / "eval.json").is_file()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
     r = CliRunner().invoke(cli, args(setup, tmp_path / "mine", "--overwrite"))
     assert r.exit_code == 2 and "not a sweep folder" in r.output and (tmp_path / "mine" / "keep.txt").is_file()
-    with pytest.raises(SweepStopped):
-        run_sweep(cfg_from(args(setup, out, "--seed", "7", "--overwrite")), stop_after=0, show_progress=False)
-    assert not (out / "L4").exists() and json.loads((out / "sweep-config.json").read_text())["seed"] == 7
+    (out / "L4" / "mark").write_text("from the seed-42 sweep")
+    rec = run_sweep(cfg_from(args(setup, out, "--seed", "7", "--overwrite")), show_progress=False)
+    assert not any(s["reused"] for s in rec["stages"]) and not (out / "L4" / "mark").exists()
+    assert json.loads((out / "sweep-config.json").read_text())["seed"] == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".s.")]  # no .s.old-* left behind
+
+
+# ------------------------------------------------------------------ DIR through io; damaged resume state
+def sweep_cli(argv):
+    return subprocess.run([sys.executable, "-m", "theseus_deploy", *argv], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+
+
+def one_error(r, match):
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and lines[-1].startswith("error:") and match in lines[-1], r.stderr[-3000:]
+
+
+def tree(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(setup, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "s"
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s"), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_overwrite_never_deletes_the_model_inside_dir(setup, finished, tmp_path):
+    """--model DIR/best with --overwrite: refused, DIR untouched (it would have been wiped)."""
+    out = tmp_path / "s"
+    shutil.copytree(finished, out)
+    before = tree(out)
+    pred, data = setup
+    argv = ["sweep", "--model", str(out / "best"), *data, "--output", str(out), *FAST, "--depths", "2", "--overwrite"]
+    one_error(sweep_cli(argv), "would replace")
+    assert tree(out) == before
+
+
+def test_a_second_live_sweep_on_dir_is_refused(setup, tmp_path):
+    code = ("import sys, time; from theseus_deploy.io import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)\n")
+    out = tmp_path / "s"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_error(sweep_cli(args(setup, out)), f"another run is writing {out} (pid {holder.pid})")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+DAMAGED = [
+    ("L4/eval.json", "{not json"),
+    ("L4/eval.json", json.dumps({"layers": 4, "metrics": {"score": "high"}})),
+    ("L2/onnx.json", json.dumps(["a", "list"])),
+    ("L2/onnx.json", json.dumps({"metrics": None})),
+    ("sweep-config.json", "\x00\x01"),
+    ("latency-1x16.json", json.dumps({"settings": {}, "environment": {}, "points": {"L4|torch": {"latency": {}}}})),
+    ("L2/model/metrics.json", "{"),
+]
+
+
+def test_damaged_stage_files_are_refused_naming_them(setup, finished, tmp_path):
+    """Resume state edited or damaged after the fact (invalid JSON, wrong types): one error line naming the
+    file, nothing changed. The cases run as parallel processes (each its own copy of a finished sweep)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for i, (file, damage) in enumerate(DAMAGED):
+        out = tmp_path / f"s{i}"
+        shutil.copytree(finished, out)
+        (out / file).write_text(damage)
+        cases.append((out, file, tree(out)))
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: sweep_cli(args(setup, c[0], "--latency-budget", "10s")), cases))
+    for (out, file, before), r in zip(cases, results):
+        one_error(r, f"{out / file}: damaged sweep stage file")
+        assert tree(out) == before, file

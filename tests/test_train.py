@@ -347,7 +347,7 @@ def test_trainable_set_is_decided_before_wrapping(predecessor, toy, tmp_path, mo
     r.train()
     assert {n for n, p in r.theseus.named_parameters() if p.requires_grad} == seen["model"]
     # without --unfreeze-head the head is never trainable
-    r2 = CompressRecipe(_cfg(predecessor, toy, tmp_path / "p", unfreeze_head=False, steps_to_full=2, max_steps=4)).setup()
+    CompressRecipe(_cfg(predecessor, toy, tmp_path / "p", unfreeze_head=False, steps_to_full=2, max_steps=4)).setup()
     assert seen["model"] == succ_names
 
 

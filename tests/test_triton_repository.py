@@ -22,7 +22,9 @@ def repo(tiny_bert, tmp_path_factory):
     from theseus_deploy.export.triton import export_repository
 
     out = tmp_path_factory.mktemp("triton") / "repo"
-    export_repository(ExportConfig.of(model=str(tiny_bert), output=str(out), formats=["triton", "onnx-int8", "onnx-fp16"], max_batch_size=16, triton_max_length=32, max_seq_length=128))
+    export_repository(ExportConfig.of(model=str(tiny_bert), output=str(out),
+                                      formats=["triton", "onnx-int8", "onnx-fp16"], max_batch_size=16,
+                                      triton_max_length=32, max_seq_length=128))
     return out
 
 
@@ -59,7 +61,8 @@ def test_repository_layout_and_configs(repo):
     (("text_classifier_onnx", "TYPE_FP32", "TYPE_FP16"), "is TYPE_FP16, the graph has TYPE_FP32"),
     (("text_classifier_onnx", "max_batch_size: 16", "max_batch_size: 16\nmax_batch_sise: 3"), "does not parse"),
     (("text_classifier", '"text_classifier_postprocess"', '"text_classifier_post"'), "is not in the repository"),
-    (("text_classifier", 'key: "logits"\n      value: "_logits"\n    }\n  }\n  step', 'key: "logits"\n      value: "_logit"\n    }\n  }\n  step'), "produced by no"),
+    (("text_classifier", 'key: "logits"\n      value: "_logits"\n    }\n  }\n  step',
+      'key: "logits"\n      value: "_logit"\n    }\n  }\n  step'), "produced by no"),
     (("text_classifier_tokenizer", "max_queue_size: 256", "max_queue_size: 0"), "unbounded"),
 ])
 def test_broken_config_is_caught(repo, tmp_path, breakage, message):

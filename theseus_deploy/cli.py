@@ -9,16 +9,31 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
+import os
 import sys
 import typing
+from pathlib import Path
 
 import click
 
+from . import __version__
 from . import config as C
 from .errors import UsageError
 
 
 _DISK_FULL = "No space left on device"
+
+
+def workspace_data_dir() -> str | None:
+    """The README's last default for --data-dir: `../shared/data/glue` beside the current folder (or
+    beside the clone) when it exists. A convenience of the command line, not of the library
+    (`data.resolve_data_dir` takes --data-dir or $THESEUS_DATA_DIR only): the CLI sets it as
+    $THESEUS_DATA_DIR when that is unset, so the processes a command starts see the same folder."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "data" / "glue"
+        if cand.is_dir():
+            return str(cand)
+    return None
 
 
 class CliError(click.ClickException):
@@ -147,9 +162,11 @@ def options_from(cls, required: tuple[str, ...] = ()):
                                            "serve": "theseus_deploy.serve.command:serve",
                                            "loadtest": "theseus_deploy.serve.command:loadtest"},
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option("0.1.0", prog_name="theseus-deploy")
+@click.version_option(__version__, prog_name="theseus-deploy")
 def cli():
     """Compress a fine-tuned BERT-family classifier with BERT-of-Theseus, export it, and benchmark it."""
+    if not os.environ.get("THESEUS_DATA_DIR") and workspace_data_dir():
+        os.environ["THESEUS_DATA_DIR"] = workspace_data_dir()
 
 
 @cli.command()

@@ -441,7 +441,8 @@ class ServeConfig(Checked):
     threads: int | None = opt(None, "CPU threads per instance (default: cores / instances).", ge=1)
     max_length: int = opt(128, "Truncate texts to this many tokens.", ge=8)
     micro_batch: int = opt(4, "Run a merged batch sorted by length in forwards of at most this many texts, each "
-                              "padded to its own longest (0: one forward per merged batch; measured on MiniLM-L6 INT8, c=16: 4 served 1.35x the requests/s of 0, see docs/serve.md).", ge=0)
+                              "padded to its own longest (0: one forward per merged batch; measured on MiniLM-L6 INT8, c=16: "
+                              "4 served 1.35x the requests/s of 0, see docs/serve.md).", ge=0)
     exit_timeout_secs: int = opt(5, "On stop, wait at most this long for in-flight requests (s).", ge=0, le=600)
     verbose: bool = opt(False, "Log the server's and the batcher's messages.")
 

@@ -92,7 +92,8 @@ def get_spec(task: str) -> TaskSpec:
 
 
 def resolve_data_dir(data_dir: str | None) -> Path | None:
-    """--data-dir, else $THESEUS_DATA_DIR, else ../shared/data/glue if it exists, else None (hub)."""
+    """--data-dir, else $THESEUS_DATA_DIR, else None (hub). The command line also looks for a
+    workspace's glue folder (theseus_deploy/cli.py: `workspace_data_dir`); the library guesses nothing."""
     if data_dir:
         p = Path(data_dir).expanduser()
         if not p.is_dir():
@@ -103,10 +104,6 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         if not Path(env).is_dir():
             raise UsageError(f"THESEUS_DATA_DIR does not exist: {env}")
         return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = base.parent / "shared" / "data" / "glue"
-        if cand.is_dir():
-            return cand
     return None
 
 

@@ -88,7 +88,7 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-# Targets drawn on the summary chart (issue 12; recorded in docs/bench.md, never asserted):
+# Targets drawn on the summary chart (the project's targets, recorded in docs/bench.md, never asserted):
 # successor's best backend vs the predecessor in PyTorch fp32 eager, and depth speedup per backend.
 TARGETS = {"cuda": {"deploy": (12.0, "b32 s128"), "depth": (1.95, "batch >= 8, s128")},
            "cpu": {"deploy": (6.0, "b1 s128"), "depth": (1.9, "best backend, b1 s128")}}

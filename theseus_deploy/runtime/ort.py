@@ -32,8 +32,6 @@ class OrtRunner(Runner):
 
     def __init__(self, path: Path, backend: str, device: str = "cpu", threads: int | None = None,
                  vocab_size: int = 30522, folder: Path | None = None, session_config: str = "default"):
-        import onnxruntime as ort
-
         spec = BACKENDS.get(backend)  # None: a format validated on the CPU session (onnx-fp16-trt)
         options = spec.options if spec is not None else {}
         opts = self.session_options(session_config, threads, options)

@@ -19,15 +19,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from theseus_deploy import config as C
+from theseus_deploy.bench.api import check_backends
+from theseus_deploy.bench.env import environment
+from theseus_deploy.bench.sweep import Entry
+from theseus_deploy.data import label_mapping, load_from_config
 from theseus_deploy.errors import UsageError
+from theseus_deploy.export.api import export_model
+from theseus_deploy.export.validate import ValidationError, task_metric
+from theseus_deploy.hf import check_model_source, load_config, load_tokenizer
+from theseus_deploy.io import check_not_inside, locks_output, write_json
 from theseus_deploy.registry import BACKENDS, FORMATS, export_format
+from theseus_deploy.runtime import load_runner
+from theseus_deploy.train import run_compress
 
+from .latency import measure
 from .pareto import Point, decide, nothing_message, parse_latency, parse_shape
+from .progress import Progress
+from .report import build_record, write_outputs
 
 STATE = "sweep-config.json"
 # What decides a stage's result, from field metadata: the fields that decide a training trajectory
@@ -37,10 +53,6 @@ DECIDING = tuple(name for name, f, _, _ in C.flat_fields(C.SweepConfig)
                  if f.metadata.get("resume") or f.metadata.get("artifact"))
 OUTPUTS = ("sweep.json", "sweep.csv", "report.md", "pareto.png", "best")
 EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
-
-
-class SweepStopped(Exception):
-    """Tests: raised after `stop_after` executed stages, as if the process had been killed."""
 
 
 def parse_depths(text: str | None, pred_layers: int) -> list[int]:
@@ -61,8 +73,6 @@ def parse_depths(text: str | None, pred_layers: int) -> list[int]:
 
 
 def parse_backends(text: str, device: str) -> list[str]:
-    from theseus_deploy.bench.api import check_backends
-
     names = list(dict.fromkeys(x.strip() for x in str(text).split(",") if x.strip()))
     if not names:
         raise UsageError("--backends needs at least one backend")
@@ -84,6 +94,64 @@ def _deciding(cfg) -> dict:
     return {k: flat[k] for k in DECIDING}
 
 
+def read_stage(path: Path, check=None) -> dict:
+    """A stage file written by an earlier run: a JSON object that `check` accepts; anything else
+    (invalid JSON, wrong types: a file edited or damaged after the fact) is one UsageError naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(value, dict) and (check is None or check(value))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise UsageError(f"{path}: damaged sweep stage file (not the JSON this stage writes): delete it to recompute "
+                         "that stage, or pass --overwrite to start the sweep over")
+    return value
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _scored(v: dict) -> bool:
+    return isinstance(v.get("metrics"), dict) and _number(v["metrics"].get("score"))
+
+
+def _point(v: dict) -> bool:
+    return isinstance(v.get("rejected"), str) or (_scored(v) and isinstance(v.get("run", ""), str))
+
+
+def _timing(v: dict) -> bool:
+    pts = v.get("points")
+    return isinstance(v.get("settings"), dict) and isinstance(v.get("environment"), dict) and isinstance(pts, dict) and all(
+        isinstance(t, dict) and isinstance(t.get("latency"), dict) and all(_number(t["latency"].get(q)) for q in PERCENTILES)
+        for t in pts.values())
+
+
+PERCENTILES = ("p50", "p90", "p99")
+
+
+@dataclass
+class Stage:
+    """One resumable step of a sweep: `done()` when its output exists (and reads back as this stage's),
+    `run()` writes that output atomically. A killed sweep leaves only finished stages behind."""
+
+    kind: str                      # compress, eval, export, latency
+    label: str                     # L4, L4 onnx-int8, 1x128
+    output: Path                   # the file whose existence means done
+    action: Callable[[], None]
+    check: Callable[[dict], bool] | None = None  # what the output must hold (None: any JSON object)
+    fresh: Callable[[dict], bool] | None = None   # a cache (latency): done only while its settings still hold
+
+    def done(self) -> bool:
+        if not self.output.is_file():
+            return False
+        value = read_stage(self.output, self.check)
+        return self.fresh is None or self.fresh(value)
+
+    def run(self) -> None:
+        self.action()
+
+
 def _check_dir(out: Path, cfg) -> None:
     """Refuse a folder that is not a sweep's, or a sweep made with other settings (unless --overwrite)."""
     if out.exists() and not out.is_dir():
@@ -94,7 +162,7 @@ def _check_dir(out: Path, cfg) -> None:
         return
     if not (out / STATE).is_file():
         raise UsageError(f"output folder is not empty and is not a sweep folder (no {STATE}): {out}")
-    saved = json.loads((out / STATE).read_text())
+    saved = read_stage(out / STATE)
     now = _deciding(cfg)
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in DECIDING if saved.get(k) != now[k]]
     if diff:
@@ -102,32 +170,34 @@ def _check_dir(out: Path, cfg) -> None:
                          "continue it, or --overwrite to start over")
 
 
-def _wipe(out: Path) -> None:
-    for p in out.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+def _start_over(out: Path) -> None:
+    """--overwrite: the old sweep is renamed aside (atomic) and deleted once the new folder exists; a
+    run killed in between leaves `.DIR.old-PID`, which the next run's lock cleans (theseus_deploy/io.py)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    out.rename(old)
+    out.mkdir()
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def run_sweep(cfg, stop_after: int | None = None, show_progress: bool = True) -> dict:
+def run_sweep(cfg, show_progress: bool = True) -> dict:
     """The whole sweep. Returns the sweep record (sweep.json) with `decision`; raises UsageError on bad input."""
     if not cfg.threads:
-        return _run_sweep(cfg, stop_after, show_progress)
+        return _run_sweep(cfg, show_progress)
     import torch
 
     before = torch.get_num_threads()
     try:
-        return _run_sweep(cfg, stop_after, show_progress)
+        return _run_sweep(cfg, show_progress)
     finally:
         torch.set_num_threads(before)
 
 
-def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
-    from theseus_deploy.hf import check_model_source, load_config
-    from theseus_deploy.io import write_json
-
+@locks_output("cfg.output")
+def _run_sweep(cfg, show_progress: bool) -> dict:
     # ---- everything that can fail on bad input fails here, before anything is written
+    out = Path(cfg.output)
+    # DIR holds trained models and is replaced by --overwrite: never one that is, or holds, the inputs
+    check_not_inside(out, [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file])
     budget = parse_latency(cfg.latency_budget) if cfg.latency_budget is not None else None
     if cfg.traffic:
         mode = {"kind": "traffic", "max_length": max(EVAL_MAX_LENGTH, cfg.max_seq_length),
@@ -146,10 +216,7 @@ def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
     need = mode.get("seq_len", 0)
     if need > max_pos:
         raise UsageError(f"--latency-shape sequence {need} exceeds the model's {max_pos} positions")
-    out = Path(cfg.output)
     _check_dir(out, cfg)
-    from theseus_deploy.data import label_mapping, load_from_config
-
     train = load_from_config(cfg, "train")
     dev = load_from_config(cfg, "dev", spec=train.spec)
     mapping = label_mapping(dev.spec, pred_config)
@@ -163,116 +230,98 @@ def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
         torch.set_num_threads(cfg.threads)
 
     # ---- the folder
-    if cfg.overwrite and out.is_dir():
-        _wipe(out)
+    if cfg.overwrite and out.is_dir() and any(out.iterdir()):
+        _start_over(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / STATE, _deciding(cfg))
-
-    points = [(d, bk) for d in depths for bk in backends]
-    stages = []
-    for d in depths:
-        if d < pred_layers:
-            stages.append(("compress", f"L{d}", d, None))
-        stages.append(("eval", f"L{d}", d, None))
-        for bk in backends:
-            if bk != "torch":
-                stages.append(("export", f"L{d} {bk}", d, bk))
-    stages.append(("latency", mode["name"], None, None))
-
-    from .progress import Progress
-
-    progress = Progress([(k, label) for k, label, _, _ in stages], enabled=show_progress)
-    record_stages, executed = [], [0]
-    t_start = time.time()
 
     def model_dir(d: int) -> Path:
         return Path(cfg.model) if d == pred_layers else out / f"L{d}" / "model"
 
-    def run_stage(i, fn, done: bool):
-        kind, label, _, _ = stages[i]
-        if done:
-            progress.finish(i, reused=True)
-            record_stages.append({"stage": kind, "what": label, "reused": True})
-            return
-        if stop_after is not None and executed[0] >= stop_after:
-            raise SweepStopped(f"stopped before stage {i + 1} ({kind} {label})")
-        progress.start(i)
-        t0 = time.time()
-        fn()
-        progress.finish(i)
-        executed[0] += 1
-        rec = {"stage": kind, "what": label, "reused": False, "seconds": round(time.time() - t0, 1)}
-        record_stages.append(rec)
-        # sweep.json describes the latest invocation; this log keeps every executed stage's wall time
-        with open(out / "stages.jsonl", "a") as f:
-            f.write(json.dumps({**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-
     tokenizer_cache = {}
 
     def score(runner, d) -> dict:
-        from theseus_deploy.export.validate import task_metric
-        from theseus_deploy.hf import load_tokenizer
-
         if d not in tokenizer_cache:
             tokenizer_cache[d] = load_tokenizer(str(model_dir(d)))
         length = min(max(EVAL_MAX_LENGTH, cfg.max_seq_length), max_pos)
         return task_metric(runner, tokenizer_cache[d], dev, max_seq_length=length, batch_size=cfg.eval_batch_size)
 
-    for i, (kind, label, d, bk) in enumerate(stages):
-        if kind == "compress":
-            folder = model_dir(d)
+    def compress(d: int):
+        folder = model_dir(d)
+        resume = (folder.with_name(folder.name + ".partial") / "checkpoint.pt").is_file()
+        run_compress(compress_config(cfg, d, folder, resume))
 
-            def do_compress(d=d, folder=folder):
-                from theseus_deploy.train import run_compress
+    def evaluate(d: int):
+        runner = load_runner(str(model_dir(d)), "torch", cfg.device, cfg.threads)
+        write_json(out / f"L{d}" / "eval.json", {"layers": d, "backend": "torch", "model": str(model_dir(d)),
+                                                 "metrics": score(runner, d)})
 
-                resume = (folder.with_name(folder.name + ".partial") / "checkpoint.pt").is_file()
-                run_compress(compress_config(cfg, d, folder, resume))
+    def export(d: int, bk: str):
+        write_json(out / f"L{d}" / f"{bk}.json", _export_point(cfg, d, bk, model_dir(d), out / f"L{d}", mode, max_pos, score))
 
-            run_stage(i, do_compress, (folder / "metrics.json").is_file())
-        elif kind == "eval":
-            path = out / f"L{d}" / "eval.json"
-
-            def do_eval(d=d, path=path):
-                from theseus_deploy.runtime import load_runner
-
-                runner = load_runner(str(model_dir(d)), "torch", cfg.device, cfg.threads)
-                write_json(path, {"layers": d, "backend": "torch", "model": str(model_dir(d)),
-                                  "metrics": score(runner, d)})
-
-            run_stage(i, do_eval, path.is_file())
-        elif kind == "export":
-            path = out / f"L{d}" / f"{bk}.json"
-
-            def do_export(d=d, bk=bk, path=path):
-                write_json(path, _export_point(cfg, d, bk, model_dir(d), out / f"L{d}", mode, max_pos, score))
-
-            run_stage(i, do_export, path.is_file())
+    stages = []
+    for d in depths:
+        if d < pred_layers:
+            stages.append(Stage("compress", f"L{d}", model_dir(d) / "metrics.json", lambda d=d: compress(d)))
+        stages.append(Stage("eval", f"L{d}", out / f"L{d}" / "eval.json", lambda d=d: evaluate(d), _scored))
+        stages += [Stage("export", f"L{d} {bk}", out / f"L{d}" / f"{bk}.json", lambda d=d, bk=bk: export(d, bk), _point)
+                   for bk in backends if bk != "torch"]
 
     # ---- latency (reused while the same points are timed with the same settings)
-    evals = {d: json.loads((out / f"L{d}" / "eval.json").read_text()) for d in depths}
-    info = {}
-    for d in depths:
-        info[(d, "torch")] = {"metrics": evals[d]["metrics"], "run": str(model_dir(d))}  # also the reference
-        for bk in backends:
-            if bk != "torch":
-                info[(d, bk)] = json.loads((out / f"L{d}" / f"{bk}.json").read_text())
-    timed = [(pred_layers, "torch")] + [p for p in points if p != (pred_layers, "torch") and not info[p].get("rejected")]
-    timing_settings = {"points": [f"L{d}|{bk}" for d, bk in timed], "mode": mode, "device": cfg.device,
-                       "warmup": cfg.warmup, "iterations": cfg.iterations, "min_seconds": cfg.min_seconds,
-                       "rounds": cfg.rounds, "threads": cfg.threads, "deciding": _deciding(cfg)}
+    points = [(d, bk) for d in depths for bk in backends]
     lat_path = out / f"latency-{mode['name']}.json"
-    cached = json.loads(lat_path.read_text()) if lat_path.is_file() else None
+    timing = {}
 
-    def do_latency():
-        write_json(lat_path, {"settings": timing_settings, "environment": _environment(cfg.threads),
-                              "points": _time_points(cfg, timed, info, pred_layers, mode, dev, model_dir)})
+    def points_info() -> dict:
+        info = {}
+        for d in depths:
+            info[(d, "torch")] = {"metrics": read_stage(out / f"L{d}" / "eval.json", _scored)["metrics"],
+                                  "run": str(model_dir(d))}  # also the reference
+            for bk in backends:
+                if bk != "torch":
+                    info[(d, bk)] = read_stage(out / f"L{d}" / f"{bk}.json", _point)
+        return info
 
-    run_stage(len(stages) - 1, do_latency, bool(cached and cached.get("settings") == timing_settings))
-    latency = json.loads(lat_path.read_text())
+    def settings() -> dict:
+        if "settings" not in timing:
+            info = timing["info"] = points_info()
+            timed = [(pred_layers, "torch")] + [p for p in points if p != (pred_layers, "torch")
+                                                and not info[p].get("rejected")]
+            timing["timed"] = timed
+            timing["settings"] = {"points": [f"L{d}|{bk}" for d, bk in timed], "mode": mode, "device": cfg.device,
+                                  "warmup": cfg.warmup, "iterations": cfg.iterations, "min_seconds": cfg.min_seconds,
+                                  "rounds": cfg.rounds, "threads": cfg.threads, "deciding": _deciding(cfg)}
+        return timing["settings"]
+
+    def measure_latency():
+        settings()
+        write_json(lat_path, {"settings": timing["settings"], "environment": _environment(cfg.threads),
+                              "points": _time_points(cfg, timing["timed"], timing["info"], pred_layers, mode, dev,
+                                                     model_dir)})
+
+    stages.append(Stage("latency", mode["name"], lat_path, measure_latency, _timing,
+                        fresh=lambda cached: cached.get("settings") == settings()))
+
+    progress = Progress([(st.kind, st.label) for st in stages], enabled=show_progress)
+    record_stages, t_start = [], time.time()
+    for i, st in enumerate(stages):
+        if st.done():
+            progress.finish(i, reused=True)
+            record_stages.append({"stage": st.kind, "what": st.label, "reused": True})
+            continue
+        progress.start(i)
+        t0 = time.time()
+        st.run()
+        progress.finish(i)
+        rec = {"stage": st.kind, "what": st.label, "reused": False, "seconds": round(time.time() - t0, 1)}
+        record_stages.append(rec)
+        # sweep.json describes the latest invocation; this log keeps every executed stage's wall time
+        with open(out / "stages.jsonl", "a") as f:
+            f.write(json.dumps({**rec, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    latency = read_stage(lat_path, _timing)
+    info = timing.get("info") or points_info()
 
     # ---- decide, report
-    from .report import build_record, write_outputs
-
     record = build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency, record_stages,
                           time.time() - t_start)
     pts = [Point(r["layers"], r["backend"], r["score"], r["latency_s"][cfg.percentile], r["drop"])
@@ -285,17 +334,11 @@ def _run_sweep(cfg, stop_after: int | None, show_progress: bool) -> dict:
 
 
 def _environment(threads):
-    from theseus_deploy.bench.env import environment
-
     return environment(threads)
 
 
 def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: dict, max_pos: int, score) -> dict:
     """Export (when the backend runs an artifact), validate against PyTorch, score on dev."""
-    from theseus_deploy.export.api import export_model
-    from theseus_deploy.runtime import load_runner
-    from theseus_deploy.export.validate import ValidationError
-
     fmt = export_format(backend) or (backend if backend in FORMATS else None)
     rec = {"layers": d, "backend": backend, "format": fmt}
     run_from = model
@@ -321,12 +364,6 @@ def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: di
 
 
 def _time_points(cfg, timed, info, pred_layers, mode, dev, model_dir) -> dict:
-    from theseus_deploy.bench.sweep import Entry
-    from theseus_deploy.runtime import load_runner
-    from theseus_deploy.hf import load_config, load_tokenizer
-
-    from .latency import measure
-
     if cfg.threads:
         import torch
 

@@ -106,6 +106,21 @@ def decide(points: list[Point], budget: float | None, max_drop: float) -> Decisi
     return Decision(front, None, closest, budget, max_drop)
 
 
+def own_drop_rejection(own: float, score: float, max_drop: float) -> str | None:
+    """Why an exported point is no candidate: its dev score falls more than the drop limit below
+    its own PyTorch model's (the export broke it); None: it stays a candidate."""
+    if own - score > max_drop + EPS:
+        return (f"task check: dev {score:.4f} is {own - score:.4f} below its own PyTorch model's {own:.4f} "
+                f"(allowed drop {max_drop:g})")
+    return None
+
+
+def marks(points: list[Point], d: Decision) -> list[dict]:
+    """Per point: on the frontier, meets both limits, chosen."""
+    return [{"on_frontier": j in d.frontier, "meets": meets(p, d.budget, d.max_drop), "chosen": j == d.choice}
+            for j, p in enumerate(points)]
+
+
 def fmt_latency(seconds: float) -> str:
     if seconds >= 1:
         return f"{seconds:.3g} s"

@@ -6,12 +6,15 @@ timed, so re-deciding with another budget or percentile takes seconds.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import shutil
 from pathlib import Path
 
-from .pareto import EPS, fmt_latency, nothing_message
+from theseus_deploy.io import atomic_output_dir, atomic_write_text, write_json
+
+from .pareto import fmt_latency, marks, nothing_message, own_drop_rejection
 
 
 def _pred_score(info, pred_layers) -> float:
@@ -19,8 +22,6 @@ def _pred_score(info, pred_layers) -> float:
 
 
 def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency, stages, seconds) -> dict:
-    import dataclasses
-
     ref_score = _pred_score(info, pred_layers)
     timed = latency["points"]
     points = []
@@ -36,9 +37,9 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
                 continue
             s = i["metrics"]["score"]
             rec.update(score=s, metrics=i["metrics"], drop=ref_score - s, drop_vs_own_torch=own - s)
-            if bk != "torch" and own - s > cfg.max_task_drop + EPS:
-                rec["rejected"] = (f"task check: dev {s:.4f} is {own - s:.4f} below its own PyTorch model's {own:.4f} "
-                                   f"(allowed drop {cfg.max_task_drop:g})")
+            why = own_drop_rejection(own, s, cfg.max_task_drop) if bk != "torch" else None
+            if why:
+                rec["rejected"] = why
             t = timed[f"L{d}|{bk}"]
             rec["latency_s"] = t["latency"]
             for k in ("vs_predecessor_torch_fp32", "vs_predecessor_same_backend"):
@@ -79,8 +80,6 @@ def write_csv(points, path: Path):
                     "speedup_vs_pred_same_backend": (r.get("vs_predecessor_same_backend") or {}).get("median"),
                     "on_frontier": r.get("on_frontier", False), "meets_limits": r.get("meets", False),
                     "chosen": r.get("chosen", False), "rejected": r.get("rejected", "")})
-    from theseus_deploy.io import atomic_write_text
-
     atomic_write_text(path, buf.getvalue())
 
 
@@ -204,8 +203,6 @@ def plot(record: dict, path: Path):
 
 def write_best(out: Path, rec: dict, record: dict, model_dir):
     """DIR/best/: a deployable folder (artifact or model weights, config, tokenizer) with its manifest."""
-    from theseus_deploy.io import atomic_output_dir, write_json
-
     src = Path(rec["run"])
     with atomic_output_dir(out / "best", overwrite=True) as tmp:
         for p in src.iterdir():
@@ -221,15 +218,11 @@ def write_best(out: Path, rec: dict, record: dict, model_dir):
 
 
 def write_outputs(out: Path, record: dict, pts, decision, cfg, info, model_dir):
-    from theseus_deploy.io import atomic_write_text, write_json
-
     cands = [r for r in record["points"] if r.get("candidate")]
     if decision is not None:
         q = cfg.percentile
-        for j, r in enumerate(cands):
-            r["on_frontier"] = j in decision.frontier
-            r["meets"] = (decision.budget is None or r["latency_s"][q] <= decision.budget + EPS) and r["drop"] <= decision.max_drop + EPS
-            r["chosen"] = j == decision.choice
+        for r, m in zip(cands, marks(pts, decision)):
+            r.update(m)
         record["decision"]["frontier"] = [pts[j].name for j in decision.frontier]
         record["decision"]["choice"] = pts[decision.choice].name if decision.choice is not None else None
         if decision.choice is None:
