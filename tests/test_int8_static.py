@@ -77,7 +77,7 @@ def test_calibration_changes_the_scales(tiny_bert, tmp_path):
     import onnx
 
     def scales(texts, name):
-        (tmp_path / f"{name}.csv").write_text("t\n" + "\n".join(texts) + "\n")
+        (tmp_path / f"{name}.csv").write_text("t\n" + "\n".join(f'"{t}"' for t in texts) + "\n")  # CSV: quoted
         export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8-static"], output=str(tmp_path / name),
                                      max_seq_length=32, validate=False, calibration_task="custom",
                                      calibration_file=str(tmp_path / f"{name}.csv"), calibration_text_columns="t",
