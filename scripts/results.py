@@ -11,8 +11,18 @@ Per task and seed, in runs/results/<task>/seed<seed>/:
                as the ablation's chosen variant says (`--from-ablation`), else compress's defaults
   constant     compress, constant replacement rate 0.5 then 1 (the paper's constant baseline)
   truncation   keep the predecessor's bottom n layers, fine-tune everything
-Theseus, constant and truncation get the same number of steps. Every run writes metrics.json;
-the task's summary.json collects them. Runs that already finished are not repeated.
+  kd           vanilla KD (`--methods`): truncation + soft targets from the predecessor
+               (finetune --keep-layers n --distill-alpha A --distill-temperature T)
+  theseus-kd   Theseus + KD (`--methods`): compress --distill-alpha A --distill-temperature T
+Every method of a task gets the same number of steps (and, but for the cpu profile's truncation,
+the same learning rate). Every run writes metrics.json (with its loyalty to the predecessor);
+the task's summary.json collects them. Runs that already finished are not repeated, and a run
+that was killed continues from its checkpoint (`--resume`) when the script is run again.
+
+--profile mpnet (docs/results-12to6.md): MPNet-base 12 -> 6, all five methods, MRPC and RTE first:
+
+    python scripts/results.py --profile mpnet --model ~/.cache/theseus-models/all-mpnet-base-v2 \
+        --data-dir ../shared/data/glue run --tasks mrpc,rte     # then --tasks stsb,cola; then `bench`
 """
 from __future__ import annotations
 
@@ -47,8 +57,21 @@ FULL = {  # task: (max_seq_length, predecessor epochs, 3-layer epochs or None fo
     "stsb": (128, 5, None, 32),
     "rte": (128, 5, None, 32),
 }
+# --profile mpnet: MPNet-base (12 layers, hidden 768) -> 6 (docs/results-12to6.md). Predecessors:
+# 3 epochs at 2e-5 (the BERT paper's fine-tuning recipe for base-size encoders); the 6-layer runs:
+# compress's default budget for the task (the same rule as --profile full), every method the same
+# steps and lr. Costs cut at no accuracy cost (issue 22): batches grouped by length (each pads to
+# its own longest, never to max_seq_length), max_seq_length = the 99th percentile of the task's
+# tokenized training lengths (rounded up to 8, at most 128); checkpoints every SAVE_STEPS so a
+# killed run resumes (a CPU-hours run must survive a session's end).
+MPNET = {"tasks": ("mrpc", "rte", "stsb", "cola"), "predecessor_epochs": 3, "predecessor_lr": "2e-5",
+         "batch_size": 32, "seq_percentile": 99, "seq_cap": 128, "save_steps": 100, "successor_layers": 6}
 PREDECESSOR_LR, SUCCESSOR_LR = "5e-5", "1e-4"
-METHODS = ("theseus", "constant", "truncation")
+METHODS = ("theseus", "constant", "truncation")  # docs/results.md's grid (the default --methods)
+ALL_METHODS = ("truncation", "constant", "kd", "theseus", "theseus-kd")
+# Soft targets for kd and theseus-kd (--distill-alpha / --distill-temperature): an even mix and
+# T = 2 (DistilBERT's temperature); no ablation has chosen them yet (issue 22 item 4).
+KD = {"alpha": "0.5", "temperature": "2"}
 # Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
 BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
               "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "9", "--min-seconds", "0.5"]
@@ -69,6 +92,7 @@ DEFAULT_VARIANT = "unfreeze-short"
 
 
 DRY_RUN = False  # --dry-run: print the commands, run nothing
+SUCCESSOR_STEPS = None  # --successor-steps: every method's step count (default: the profile's)
 # --mixed-precision: passed to every run (predecessors, the 3 methods, the ablation) so every method
 # of a table trains at the same precision. bf16 autocast made a 3-layer compress step 2.3x faster on
 # an AVX512-BF16 CPU without AMX (30 steps, SST-2 seq 64 b32, one thread: 0.69 s -> 0.30 s).
@@ -84,7 +108,7 @@ def sh(args, log):
     if DRY_RUN:  # a dry run writes nothing: run folders come into being with their first log
         return
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
+    with open(log, "a" if "--resume" in map(str, args) else "w") as f:  # a resumed run continues its log
         subprocess.run(list(map(str, args)), check=True, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 
@@ -117,19 +141,46 @@ def default_steps(task, data_dir, batch_size, epochs=None) -> int:
     return resolve_budget(CompressConfig(task=task, epochs=epochs, batch_size=batch_size), n, spe)[0]
 
 
-def budget(task, profile, data_dir):
+def data_seq_length(task, data_dir, model, percentile=MPNET["seq_percentile"], cap=MPNET["seq_cap"]) -> int:
+    """max_seq_length from the data: the `percentile` of the task's training lengths in the
+    model's own tokens (special tokens included), rounded up to a multiple of 8, at most `cap`."""
+    import math
+
+    import numpy as np
+
+    from theseus_deploy.data import load_task
+    from theseus_deploy.hf import load_tokenizer
+
+    data = load_task(task, data_dir, "train")
+    a = [t[0] for t in data.texts]
+    b = [t[1] for t in data.texts] if data.texts[0][1] is not None else None
+    lengths = [len(x) for x in load_tokenizer(str(model))(a, b, truncation=False)["input_ids"]]
+    return int(min(cap, max(8, 8 * math.ceil(float(np.percentile(lengths, percentile)) / 8))))
+
+
+def budget(task, profile, data_dir, model=None):
     """(max_seq_length, predecessor budget flags, 3-layer steps, batch size) of a task."""
     if profile == "cpu":
         seq, ft_steps, steps, bs = BUDGET[task]
         return seq, ["--max-steps", ft_steps], steps, bs
+    if profile == "mpnet":
+        bs = MPNET["batch_size"]
+        steps = SUCCESSOR_STEPS or default_steps(task, data_dir, bs)
+        return (data_seq_length(task, data_dir, model), ["--epochs", MPNET["predecessor_epochs"]], steps, bs)
     seq, ft_epochs, epochs, bs = FULL[task]
     return seq, ["--epochs", ft_epochs], default_steps(task, data_dir, bs, epochs), bs
 
 
+def resumable(args, out):
+    """`args` plus --resume where a killed run left its checkpoint (OUT.partial/checkpoint.pt):
+    finetune and compress then continue at the same step with the same data order and draws."""
+    return [*args, "--resume"] if (Path(str(out) + ".partial") / "checkpoint.pt").is_file() else list(args)
+
+
 def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
-              theseus_flags=(), constant=True, variant=None):
+              theseus_flags=(), constant=True, variant=None, methods=METHODS):
     """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs])."""
-    seq, pred_budget, steps, bs = budget(task, profile, data_dir)
+    seq, pred_budget, steps, bs = budget(task, profile, data_dir, model)
     out = root / task / f"seed{seed}"
     # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
     # spread is over compression runs); by default each seed fine-tunes its own predecessor.
@@ -139,17 +190,20 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
 
     def flags(s):  # the options every run of this task shares, with seed s
         return ["--task", task, "--seed", s, "--max-seq-length", seq, "--batch-size", bs, "--overwrite",
+                *(["--group-by-length", "--save-steps", MPNET["save_steps"]] if profile == "mpnet" else []),
                 *precision_flags(), *(["--data-dir", data_dir] if data_dir else [])]
     common = flags(seed)
     evals = max(1, steps // 5)
-    pred_args = ["finetune", "--model", model, *pred_budget, "--lr", PREDECESSOR_LR]
+    pred_args = ["finetune", "--model", model, *pred_budget,
+                 "--lr", MPNET["predecessor_lr"] if profile == "mpnet" else PREDECESSOR_LR]
     if profile == "cpu":
         pred_args += ["--eval-steps", max(1, pred_budget[1] // 3)]
     pred_common = flags(pred_seed)
     pred_job = None
     if not (pred / "metrics.json").is_file():
-        pred_job = ([*TD, *pred_args, *pred_common, "--output", pred], pred_out / "predecessor.log")
-    lr = SUCCESSOR_LR if profile == "full" else None
+        pred_job = (resumable([*TD, *pred_args, *pred_common, "--output", pred], pred), pred_out / "predecessor.log")
+    lr = SUCCESSOR_LR if profile in ("full", "mpnet") else None
+    kd = ["--distill-alpha", KD["alpha"], "--distill-temperature", KD["temperature"]]
     theseus_flags = list(theseus_flags(steps) if callable(theseus_flags) else theseus_flags)
     runs = {
         "theseus": ["compress", "--model", pred, "--max-steps", steps, "--lr", "1e-4",
@@ -161,8 +215,10 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
         "truncation": ["finetune", "--model", pred, "--keep-layers", successor_layers,
                        "--max-steps", steps, "--lr", lr or "5e-5", "--eval-steps", evals],
     }
-    if not constant:
-        runs.pop("constant")
+    # KD variants: the same runs as truncation and Theseus, plus the soft targets
+    runs["kd"] = [*runs["truncation"], *kd]
+    runs["theseus-kd"] = [*runs["theseus"], *kd]
+    runs = {k: v for k, v in runs.items() if k in methods and (constant or k != "constant")}
     done = root / "ablation" / task / f"{variant}-seed{seed}"
     reuse = bool(variant) and (done / "metrics.json").is_file() and not (out / "theseus").exists()
     if reuse and DRY_RUN:
@@ -170,12 +226,16 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     elif reuse:
         out.mkdir(parents=True, exist_ok=True)
         (out / "theseus").symlink_to(os.path.relpath(done, out))  # the same command, already run
-    jobs = [(name, [*TD, *args, *common, "--output", out / name], out / f"{name}.log")
+    jobs = [(name, resumable([*TD, *args, *common, "--output", out / name], out / name), out / f"{name}.log")
             for name, args in runs.items()
             if not (out / name / "metrics.json").is_file() and not (reuse and name == "theseus")]
     meta = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
             "budget": {"profile": profile, "max_seq_length": seq, "predecessor": " ".join(map(str, pred_budget)),
-                       "compress_steps": steps, "batch_size": bs, "mixed_precision": PRECISION},
+                       "compress_steps": steps, "batch_size": bs, "mixed_precision": PRECISION,
+                       **({"max_seq_length_from": f"p{MPNET['seq_percentile']} of the tokenized train lengths, "
+                                                  f"rounded up to 8, at most {MPNET['seq_cap']}",
+                           "group_by_length": True, "save_steps": MPNET["save_steps"],
+                           "distill": KD} if profile == "mpnet" else {})},
             "predecessor_seed": pred_seed,
             "commands": {"predecessor": " ".join(map(str, ["theseus-deploy", *pred_args, *pred_common, "--output", pred])),
                          **{k: " ".join(map(str, ["theseus-deploy", *v, *common, "--output", out / k]))
@@ -195,7 +255,17 @@ def summarize(root, meta, timings):
             continue
         m = json.loads((out / name / "metrics.json").read_text())
         summary[name] = m["dev"]
-        summary.setdefault("predecessor_layers", m.get("predecessor_layers"))  # compress records the depth
+        if m.get("predecessor_layers"):  # compress records the depth
+            summary.setdefault("predecessor_layers", m["predecessor_layers"])
+        if m.get("loyalty"):  # to the predecessor, of the kept weights, on dev (compress; finetune --keep-layers)
+            summary.setdefault("loyalty", {})[name] = m["loyalty"]
+    # the machine each run was made on: the runs of this invocation here, earlier ones as recorded
+    summary["machine"] = json.loads(old.read_text()).get("machine", {}) if old.is_file() else {}
+    if timings:
+        from theseus_deploy.bench.env import environment
+
+        env = environment()
+        summary["machine"].update({name: env for name in timings})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -208,13 +278,14 @@ def timed(job, timings):
 
 
 def run_tasks(pairs, model, root, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
-              theseus_flags=(), constant_seeds=None, n_jobs=1, predecessors_only=False, variant=None):
+              theseus_flags=(), constant_seeds=None, n_jobs=1, predecessors_only=False, variant=None,
+              methods=METHODS):
     """Every (task, seed) pair: predecessors first, then the 3-layer methods, `n_jobs` at a time."""
     plans = []
     for task, seed in pairs:
         constant = constant_seeds is None or seed in constant_seeds
         plans.append(plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed, profile,
-                               theseus_flags, constant, variant))
+                               theseus_flags, constant, variant, methods))
     timings = {(m["task"], m["seed"]): {} for _, _, m in plans}
     preds = {}
     for pred_job, _, meta in plans:  # one predecessor per (task, predecessor seed)
@@ -468,33 +539,242 @@ def report(root: Path, doc: Path):
     print("\n".join(lines))
 
 
+# ---------------------------------------------------------------------------- KD + loyalty report
+# issue 22's targets, each reported as met / not met and by how much, computed from the table
+TARGETS_KD = {
+    "12to6": {"macro_retention": 98.4, "must_tasks": ("mrpc", "rte"), "lowest_task_retention": 96.0,
+              "every": ("truncation", "kd"), "most": ("constant",), "label_loyalty": True},
+    "6to3": {"macro_retention": 98.0, "must_tasks": (), "lowest_task_retention": None, "of": 5,
+             "every": ("truncation",), "at_least": {"constant": 4}, "label_loyalty": False},
+}
+LABELS = {"truncation": "truncation", "constant": "constant p=0.5", "kd": "vanilla KD", "theseus": "Theseus",
+          "theseus-kd": "Theseus + KD"}
+
+
+def _loyalty_cell(loy) -> str:
+    if not loy:
+        return "-"
+    if "pearson" in loy:
+        return f"r {loy['pearson']:.3f}"
+    return f"{100 * loy['label']:.1f} / {100 * loy['probability']:.1f}"
+
+
+def kd_table(rows: dict) -> dict:
+    """Per task: medians over seeds (x100) of every method present; the best Theseus recipe (of
+    theseus and theseus-kd, the one with the higher macro average over the tasks both ran: one
+    recipe for every task, not a per-task pick)."""
+    methods = [m for m in ALL_METHODS if any(m in r for runs in rows.values() for r in runs)]
+    med, loy = {}, {}
+    for task, runs in rows.items():
+        med[task] = {k: statistics.median(r[k]["score"] for r in runs if k in r) * 100
+                     for k in ("predecessor", *methods) if any(k in r for r in runs)}
+        # loyalty of the median seed's run where there are several (the seed whose score is the median)
+        loy[task] = {}
+        for k in methods:
+            have = sorted((r[k]["score"], r["seed"], (r.get("loyalty") or {}).get(k)) for r in runs if k in r)
+            if have:
+                loy[task][k] = have[(len(have) - 1) // 2][2]
+    candidates = [m for m in ("theseus", "theseus-kd") if m in methods]
+    both = [t for t in med if all(m in med[t] for m in candidates)]
+    best = max(candidates, key=lambda m: (statistics.mean(med[t][m] for t in both) if both else -1,
+                                          m == "theseus")) if candidates else None
+    return {"methods": methods, "median": med, "loyalty": loy, "best": best}
+
+
+def kd_targets(t: dict, which: str) -> list[tuple]:
+    """(target, measured, met, by how much) rows for the best Theseus recipe."""
+    spec, med, best = TARGETS_KD[which], t["median"], t["best"]
+    tasks = [k for k in sorted(med) if best in med[k]]
+    out = []
+    if not tasks:
+        return out
+    pred = statistics.mean(med[k]["predecessor"] for k in tasks)
+    macro = 100 * statistics.mean(med[k][best] for k in tasks) / pred
+    must = [k for k in spec["must_tasks"] if k not in tasks]
+    goal = spec["macro_retention"]
+    out.append((f"macro retention >= {goal}% over the tasks run"
+                + (f" ({', '.join(x.upper() for x in spec['must_tasks'])} among them)" if spec["must_tasks"] else ""),
+                f"{macro:.1f}% over {len(tasks)} ({', '.join(tasks)})" + (f"; missing {', '.join(must)}" if must else ""),
+                macro >= goal and not must, f"{macro - goal:+.1f} points"))
+    ret = {k: 100 * med[k][best] / med[k]["predecessor"] for k in tasks}
+    if spec.get("lowest_task_retention") is not None:
+        low = min(ret, key=ret.get)
+        goal = spec["lowest_task_retention"]
+        out.append((f"lowest task >= {goal:.0f}%", f"{ret[low]:.1f}% ({low})", ret[low] >= goal,
+                    f"{ret[low] - goal:+.1f} points"))
+    n_of = spec.get("of", len(tasks))
+    for base in spec["every"]:
+        have = [k for k in tasks if base in med[k]]
+        if not have:
+            continue
+        margin = {k: med[k][best] - med[k][base] for k in have}
+        wins = sum(m > 0 for m in margin.values())
+        worst = min(margin, key=margin.get)
+        out.append((f"ahead of {LABELS[base]} on every task run" if "of" not in spec
+                    else f"ahead of {LABELS[base]} on {n_of} of {n_of} tasks",
+                    f"{wins} of {len(have)}", wins == len(have) and len(have) >= n_of,
+                    f"smallest margin {margin[worst]:+.1f} points ({worst})"))
+    for base in spec.get("most", ()):
+        have = [k for k in tasks if base in med[k]]
+        if have:
+            wins = sum(med[k][best] > med[k][base] for k in have)
+            need = len(have) // 2 + 1
+            out.append((f"ahead of {LABELS[base]} on most tasks", f"{wins} of {len(have)}", wins >= need,
+                        f"{wins - need:+d} tasks vs the {need} needed"))
+    for base, need in spec.get("at_least", {}).items():
+        have = [k for k in tasks if base in med[k]]
+        if have:
+            wins = sum(med[k][best] > med[k][base] for k in have)
+            out.append((f"ahead of {LABELS[base]} on >= {need} of {n_of} tasks", f"{wins} of {len(have)}",
+                        wins >= need, f"{wins - need:+d} tasks"))
+    if spec.get("label_loyalty"):
+        have = [k for k in tasks if t["loyalty"].get(k, {}).get(best)]
+        out.append(("label loyalty reported per task", f"{len(have)} of {len(tasks)}", len(have) == len(tasks),
+                    "" if len(have) == len(tasks) else f"missing {', '.join(k for k in tasks if k not in have)}"))
+    return out
+
+
+def _machines(rows: dict) -> list[str]:
+    seen = {}
+    for runs in rows.values():
+        for r in runs:
+            for env in (r.get("machine") or {}).values():
+                v = env.get("versions", {})
+                key = (f"{env.get('gpu') or env.get('cpu')} ({', '.join(env.get('cpu_flags') or ['no AVX512/AMX flags'])}"
+                       f"{'; CPU ' + env['cpu'] if env.get('gpu') else ''}), {env.get('torch_threads')} threads, "
+                       f"torch {v.get('torch')}, transformers {v.get('transformers')}, python {env.get('python')}")
+                seen[key] = seen.get(key, 0) + 1
+    return [f"- {k}: {n} runs" for k, n in seen.items()]
+
+
+def report_kd(root: Path, doc: Path, which: str = "12to6"):
+    """docs/results-12to6.md (and the 6 -> 3 table with KD): every method beside the predecessor,
+    retention, loyalty, the targets as met / not met and by how much, budgets, commands, machine."""
+    rows = {}
+    for f in sorted(root.glob("*/seed*/summary.json")):
+        s = json.loads(f.read_text())
+        rows.setdefault(s["task"], []).append(s)
+    first = next(iter(rows.values()))[0] if rows else {}
+    planned = ("all-mpnet-base-v2", 12, 6) if which == "12to6" else ("all-MiniLM-L6-v2", 6, 3)  # before any result
+    n_pred, n_succ = first.get("predecessor_layers") or planned[1], first.get("successor_layers", planned[2])
+    model = Path(first.get("model", planned[0])).name
+    t = kd_table(rows)
+    methods, med, best = t["methods"], t["median"], t["best"]
+    lines = [f"# Results: {model}, {n_pred} -> {n_succ} layers on GLUE dev: Theseus, distillation, loyalty", "",
+             f"Generated by `python scripts/results.py{' --profile mpnet' if which == '12to6' else ''} report` from "
+             f"`{root}/*/seed*/summary.json`; the runs by `python scripts/results.py run` (commands below). Scores:",
+             "the task's `score` (MRPC mean of F1 and accuracy, STS-B of Pearson and Spearman, CoLA Matthews, else",
+             "accuracy) x 100, median over seeds; retention = successor / predecessor. Every method of a task has",
+             "the same steps and learning rate; kd = vanilla KD (truncation + soft targets), Theseus + KD = compress",
+             "with the same soft targets.", ""]
+    if not rows:
+        lines += ["No results yet."]
+    else:
+        head = ["task", "seeds", f"predecessor ({n_pred}L)"] + [f"{LABELS[m]} ({n_succ}L)" for m in methods]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for task in sorted(med):
+            cells = [task, str(len(rows[task])), f"{med[task]['predecessor']:.1f}"]
+            for m in methods:
+                v = med[task].get(m)
+                cells.append("-" if v is None else f"{v:.1f} ({100 * v / med[task]['predecessor']:.1f}%)"
+                             + (" **best**" if v is not None and v == max(med[task].get(x, -1e9) for x in methods) else ""))
+            lines.append("| " + " | ".join(cells) + " |")
+        full = [k for k in sorted(med) if all(m in med[k] for m in methods)]
+        if full:
+            pred = statistics.mean(med[k]["predecessor"] for k in full)
+            cells = [f"**macro avg** ({len(full)} tasks)", "", f"{pred:.1f}"]
+            for m in methods:
+                v = statistics.mean(med[k][m] for k in full)
+                cells.append(f"{v:.1f} ({100 * v / pred:.1f}%)")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"Best Theseus recipe (higher macro average over the tasks both ran): **{LABELS.get(best, '-')}**"
+                      + (f" (soft targets: --distill-alpha {first['budget'].get('distill', KD)['alpha']} "
+                         f"--distill-temperature {first['budget'].get('distill', KD)['temperature']})"
+                         if best == "theseus-kd" else "") + "."]
+        lines += ["", "## Loyalty to the predecessor (dev)", "",
+                  "Label loyalty / probability loyalty x 100 (Xu et al., EMNLP 2021: share of rows with the same predicted",
+                  "label; 1 - mean Jensen-Shannon distance of the two softmax distributions, base 2); STS-B: Pearson r of",
+                  "the two predictions. From each run's metrics.json (the kept weights; the median seed's run).", "",
+                  "| task | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+        for task in sorted(med):
+            lines.append(f"| {task} | " + " | ".join(_loyalty_cell(t["loyalty"][task].get(m)) for m in methods) + " |")
+        if any(len(r) > 1 for r in rows.values()):
+            lines += ["", "Per seed:", "", "| task | seed | predecessor | " + " | ".join(LABELS[m] for m in methods) + " |",
+                      "|---|---|---|" + "---|" * len(methods)]
+            for task, runs in sorted(rows.items()):
+                for r in sorted(runs, key=lambda r: r["seed"]):
+                    lines.append(f"| {task} | {r['seed']} | {100 * r['predecessor']['score']:.1f} | "
+                                 + " | ".join(f"{100 * r[m]['score']:.1f}" if m in r else "-" for m in methods) + " |")
+        targets = kd_targets(t, which)
+        lines += ["", f"## Targets ({n_pred} -> {n_succ}, best Theseus recipe: {LABELS.get(best, '-')})", "",
+                  "| target | measured | met | by |", "|---|---|---|---|"]
+        lines += [f"| {n} | {v} | {'yes' if ok else '**no**'} | {by} |" for n, v, ok, by in targets]
+    planned = MPNET["tasks"] if which == "12to6" else tuple(BUDGET)
+    missing = [k for k in planned if k not in rows]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    lines += bench_lines(root)
+    lines += ["", "## Machine and versions", ""] + (_machines(rows) or ["Not recorded."])
+    lines += ["", "## Budgets and commands", ""]
+    for task, runs in sorted(rows.items()):
+        runs = sorted(runs, key=lambda r: r["seed"])
+        r = runs[0]
+        lines.append(f"**{task}**: {json.dumps(r['budget'])}; seeds {', '.join(str(x['seed']) for x in runs)}; "
+                     f"wall seconds (seed {r['seed']}) {json.dumps(r['seconds'])}")
+        lines += ["```"] + [r["commands"][k] for k in ("predecessor", *ALL_METHODS) if k in r["commands"]] + ["```"]
+    notes = ""
+    if doc.is_file() and NOTES in doc.read_text():
+        notes = doc.read_text().split(NOTES, 1)[1]
+    text = "\n".join(lines).replace(str(REPO) + "/", "").replace(str(Path.home()), "~")
+    doc.write_text(text + "\n\n" + NOTES + notes.rstrip("\n") + "\n")
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "predecessors", "ablation", "bench", "report"])
-    ap.add_argument("--tasks", default="mrpc,rte,stsb,cola,sst2")
+    ap.add_argument("--tasks", default=None, help="default: mrpc,rte,stsb,cola,sst2 (--profile mpnet: mrpc,rte,stsb,cola)")
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--predecessor-seed", type=int, default=None,
                     help="compress this seed's fine-tuned predecessor for every seed (default: each seed its own)")
     ap.add_argument("--constant-seeds", default=None, help="run the constant-rate baseline only for these seeds")
-    ap.add_argument("--profile", choices=["cpu", "full"], default="cpu",
-                    help="cpu: step counts cut for 2 CPU cores; full: whole epochs and compress's default budget")
+    ap.add_argument("--profile", choices=["cpu", "full", "mpnet"], default="cpu",
+                    help="cpu: step counts cut for 2 CPU cores; full: whole epochs and compress's default budget; "
+                         "mpnet: MPNet-base 12 -> 6 (docs/results-12to6.md): 3-epoch predecessors at 2e-5, compress's "
+                         "default budget, length-grouped batches, max_seq_length from the data, all five methods")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma-separated, of {','.join(ALL_METHODS)} (default: {','.join(METHODS)}; "
+                         "--profile mpnet: all five)")
+    ap.add_argument("--distill-alpha", default=KD["alpha"], help="kd, theseus-kd: compress/finetune --distill-alpha")
+    ap.add_argument("--distill-temperature", default=KD["temperature"], help="kd, theseus-kd: --distill-temperature")
+    ap.add_argument("--successor-steps", type=int, default=None,
+                    help="every method's step count instead of the profile's (a smaller CPU budget)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU trains several small models at once)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="ablation: variants to run")
     ap.add_argument("--from-ablation", action="store_true",
                     help="run: Theseus with the flags of the ablation's chosen variant (ROOT/ablation/summary.json)")
-    ap.add_argument("--successor-layers", type=int, default=3)
+    ap.add_argument("--successor-layers", type=int, default=None, help="default 3 (--profile mpnet: 6)")
     ap.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
                     help="every run's --mixed-precision (bf16: about 2x faster training on CPUs with AVX512-BF16)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the commands that would run")
-    ap.add_argument("--root", default=str(REPO / "runs" / "results"))
-    ap.add_argument("--doc", default=str(REPO / "docs" / "results.md"))
+    ap.add_argument("--root", default=None, help="default runs/results (--profile mpnet: runs/results-12to6)")
+    ap.add_argument("--doc", default=None, help="default docs/results.md (--profile mpnet: docs/results-12to6.md)")
     a = ap.parse_args()
-    root = Path(a.root)
+    mpnet = a.profile == "mpnet"
+    a.tasks = a.tasks or ",".join(MPNET["tasks"] if mpnet else ("mrpc", "rte", "stsb", "cola", "sst2"))
+    a.successor_layers = a.successor_layers or (MPNET["successor_layers"] if mpnet else 3)
+    methods = tuple(a.methods.split(",")) if a.methods else (ALL_METHODS if mpnet else METHODS)
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad:
+        ap.error(f"unknown --methods {','.join(bad)} (choose from {','.join(ALL_METHODS)})")
+    root = Path(a.root or REPO / "runs" / ("results-12to6" if mpnet else "results"))
+    a.doc = a.doc or str(REPO / "docs" / ("results-12to6.md" if mpnet else "results.md"))
     tasks, seeds = a.tasks.split(","), [int(x) for x in a.seeds.split(",")]
-    global DRY_RUN, PRECISION
-    DRY_RUN, PRECISION = a.dry_run, a.mixed_precision
+    global DRY_RUN, PRECISION, SUCCESSOR_STEPS
+    DRY_RUN, PRECISION, SUCCESSOR_STEPS = a.dry_run, a.mixed_precision, a.successor_steps
+    KD.update(alpha=str(a.distill_alpha), temperature=str(a.distill_temperature))
     if a.what in ("run", "predecessors", "ablation"):
         a.model = ensure_model(a.model)
     if a.what == "predecessors":  # every task's predecessor at once (then `ablation` and `run` share them)
@@ -515,11 +795,14 @@ def main():
             flags = VARIANTS[winner]
         const = None if a.constant_seeds is None else {int(x) for x in a.constant_seeds.split(",")}
         run_tasks([(t, s) for s in seeds for t in tasks], a.model, root, a.successor_layers, a.data_dir,
-                  a.predecessor_seed, a.profile, flags, const, a.jobs, variant=winner)
+                  a.predecessor_seed, a.profile, flags, const, a.jobs, variant=winner, methods=methods)
     if a.what == "bench":
         run_bench(tasks[0], root, seeds[0])
     if not DRY_RUN:
-        report(root, Path(a.doc))
+        if mpnet or any(m in methods for m in ("kd", "theseus-kd")):
+            report_kd(root, Path(a.doc), "12to6" if mpnet else "6to3")
+        else:
+            report(root, Path(a.doc))
 
 
 if __name__ == "__main__":

@@ -229,3 +229,129 @@ def test_results_full_dry_run_mpnet_command_plans_and_writes_nothing(tmp_path, s
         assert all("--mixed-precision bf16" in c for c in mine)
     assert " bench " in cmds[-1] and "mrpc/seed42/theseus" in cmds[-1]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
+
+
+# ---------------------------------------------------------------------------- KD, loyalty, --profile mpnet
+def test_mpnet_profile_dry_run_plans_five_methods_alike_and_writes_nothing(tmp_path, synthetic_glue):
+    """--profile mpnet: 12 -> 6 with truncation, constant, kd, theseus, theseus-kd, every method the
+    same steps and lr; the soft targets on kd and theseus-kd only; predecessors 3 epochs at 2e-5;
+    length-grouped batches, checkpoints for resuming, max_seq_length from the data's p99."""
+    import math
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tiny import make_tiny_model
+    from theseus_deploy.data import load_task
+    from theseus_deploy.hf import load_tokenizer
+
+    model = make_tiny_model(tmp_path / "model", "bert", 2)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "results.py"), "--dry-run", "--profile", "mpnet",
+                        "--model", str(model), "--data-dir", str(synthetic_glue), "--root", str(tmp_path / "runs"),
+                        "--doc", str(tmp_path / "doc.md"), "run", "--tasks", "mrpc,rte"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmds = [ln[2:].split() for ln in r.stdout.splitlines() if ln.startswith("+ ")]
+    for task in ("mrpc", "rte"):
+        mine = [c for c in cmds if c[c.index("--task") + 1] == task]
+        by = {Path(c[c.index("--output") + 1]).name: c for c in mine}
+        assert sorted(by) == sorted(["predecessor", "truncation", "constant", "kd", "theseus", "theseus-kd"])
+        pred = by.pop("predecessor")
+        assert pred[pred.index("--epochs") + 1] == "3" and pred[pred.index("--lr") + 1] == "2e-5"
+        assert {by[m][by[m].index("--max-steps") + 1] for m in by} == {"20"}  # compress's rule on 8 rows: 20 epochs
+        assert {by[m][by[m].index("--lr") + 1] for m in by} == {"1e-4"}
+        for m, c in by.items():
+            kd = "--distill-alpha" in c
+            assert kd == m.endswith("kd"), m
+            if kd:
+                assert c[c.index("--distill-alpha") + 1] == "0.5" and c[c.index("--distill-temperature") + 1] == "2"
+        assert "--keep-layers" in by["kd"] and by["kd"][by["kd"].index("--keep-layers") + 1] == "6"
+        assert by["theseus-kd"][by["theseus-kd"].index("--successor-layers") + 1] == "6"
+        data = load_task(task, str(synthetic_glue), "train")
+        a, b = zip(*data.texts)
+        lengths = [len(x) for x in load_tokenizer(str(model))(list(a), list(b))["input_ids"]]
+        want = min(128, 8 * math.ceil(np.percentile(lengths, 99) / 8))
+        for c in mine:
+            assert c[c.index("--max-seq-length") + 1] == str(want)
+            assert "--group-by-length" in c and c[c.index("--save-steps") + 1] == "100" and "--resume" not in c
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
+
+
+def test_a_killed_run_continues_with_resume(results, tmp_path, monkeypatch):
+    """A run killed mid-way left OUT.partial/checkpoint.pt: the next invocation resumes it (same
+    command plus --resume, its log appended) instead of starting over; finished runs are skipped."""
+    calls = []
+    scores = {"predecessor": 0.80, "theseus": 0.78, "constant": 0.77, "truncation": 0.75, "kd": 0.76, "theseus-kd": 0.79}
+    monkeypatch.setattr(results, "sh", fake_sh(calls, scores))
+    root = tmp_path / "runs"
+    part = root / "rte" / "seed42" / "theseus-kd.partial"
+    part.mkdir(parents=True)
+    (part / "checkpoint.pt").write_bytes(b"x")
+    (root / "rte" / "seed42" / "predecessor.partial").mkdir()
+    (root / "rte" / "seed42" / "predecessor.partial" / "checkpoint.pt").write_bytes(b"x")
+    results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=results.ALL_METHODS)
+    by = {Path(c[c.index("--output") + 1]).name: c for c in calls}
+    assert sorted(by) == sorted(["predecessor", *results.ALL_METHODS])
+    assert "--resume" in by["theseus-kd"] and "--resume" in by["predecessor"]
+    assert all("--resume" not in c for n, c in by.items() if n not in ("theseus-kd", "predecessor"))
+    s = json.loads((root / "rte" / "seed42" / "summary.json").read_text())
+    assert s["commands"]["theseus-kd"].endswith("theseus-kd") and "--resume" not in s["commands"]["theseus-kd"]
+    assert set(s["machine"]) == {"predecessor", *results.ALL_METHODS} and "cpu" in s["machine"]["kd"]
+
+
+def write_kd_summary(root, task, seed, scores, loyalty=None):
+    d = root / task / f"seed{seed}"
+    d.mkdir(parents=True)
+    env = {"cpu": "AMD EPYC", "cpu_flags": ["avx512f"], "torch_threads": 2, "python": "3.12",
+           "versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}}
+    s = {"task": task, "seed": seed, "predecessor_seed": 42, "model": "/m/all-mpnet-base-v2", "successor_layers": 6,
+         "predecessor_layers": 12, "budget": {"profile": "mpnet", "max_seq_length": 96,
+                                               "distill": {"alpha": "0.5", "temperature": "2"}},
+         "seconds": {}, "machine": {k: env for k in scores if k != "predecessor"},
+         "commands": {k: f"theseus-deploy {k}" for k in scores},
+         **{k: {"score": v} for k, v in scores.items()}, "loyalty": loyalty or {}}
+    (d / "summary.json").write_text(json.dumps(s))
+
+
+def test_kd_report_tables_loyalty_and_targets_met_or_not_by_how_much(results, tmp_path):
+    root = tmp_path / "runs"
+    # mrpc: theseus-kd 0.87 / 0.88 = 98.9%, ahead of all; rte: 0.67 / 0.70 = 95.7%, behind vanilla KD (0.68)
+    write_kd_summary(root, "mrpc", 42, {"predecessor": 0.88, "truncation": 0.84, "constant": 0.86, "kd": 0.85,
+                                        "theseus": 0.86, "theseus-kd": 0.87},
+                     {"theseus-kd": {"label": 0.95, "probability": 0.9}, "truncation": {"label": 0.9, "probability": 0.85}})
+    write_kd_summary(root, "rte", 42, {"predecessor": 0.70, "truncation": 0.62, "constant": 0.68, "kd": 0.68,
+                                       "theseus": 0.66, "theseus-kd": 0.67},
+                     {"theseus-kd": {"label": 0.8, "probability": 0.7}})
+    doc = tmp_path / "results-12to6.md"
+    results.report_kd(root, doc, "12to6")
+    text = doc.read_text()
+    assert text.startswith("# Results: all-mpnet-base-v2, 12 -> 6 layers")
+    assert ("| mrpc | 1 | 88.0 | 84.0 (95.5%) | 86.0 (97.7%) | 85.0 (96.6%) | 86.0 (97.7%) | 87.0 (98.9%) **best** |"
+            in text)
+    assert "| **macro avg** (2 tasks) |  | 79.0 | 73.0 (92.4%) | 77.0 (97.5%) | 76.5 (96.8%) | 76.0 (96.2%) | 77.0 (97.5%) |" in text
+    assert "Best Theseus recipe (higher macro average over the tasks both ran): **Theseus + KD**" in text
+    assert "| mrpc | 90.0 / 85.0 | - | - | - | 95.0 / 90.0 |" in text  # loyalty table
+    # targets: 97.5% macro (-0.9), lowest 95.7% (-0.3), truncation 2/2, KD 1/2 (rte -1.0), constant 1/2 not most
+    assert "| macro retention >= 98.4% over the tasks run (MRPC, RTE among them) | 97.5% over 2 (mrpc, rte) | **no** | -0.9 points |" in text
+    assert "| lowest task >= 96% | 95.7% (rte) | **no** | -0.3 points |" in text
+    assert "| ahead of truncation on every task run | 2 of 2 | yes | smallest margin +3.0 points (mrpc) |" in text
+    assert "| ahead of vanilla KD on every task run | 1 of 2 | **no** | smallest margin -1.0 points (rte) |" in text
+    assert "| ahead of constant p=0.5 on most tasks | 1 of 2 | **no** | -1 tasks vs the 2 needed |" in text
+    assert "| label loyalty reported per task | 2 of 2 | yes |  |" in text
+    assert "Not run yet: stsb, cola." in text
+    assert "- AMD EPYC (avx512f), 2 threads, torch 2.13.0+cpu, transformers 5.24.0, python 3.12: 10 runs" in text
+
+
+def test_kd_report_6to3_targets(results, tmp_path):
+    root = tmp_path / "runs"
+    for task in ("mrpc", "rte", "stsb", "cola", "sst2"):
+        write_kd_summary(root, task, 42, {"predecessor": 0.80, "truncation": 0.77, "constant": 0.79, "theseus": 0.795,
+                                          "theseus-kd": 0.78})
+    doc = tmp_path / "r.md"
+    results.report_kd(root, doc, "6to3")
+    text = doc.read_text()
+    assert "best Theseus recipe: Theseus)" in text  # 79.5 > 78.0
+    assert "| macro retention >= 98.0% over the tasks run | 99.4% over 5" in text and "| yes | +1.4 points |" in text
+    assert "| ahead of truncation on 5 of 5 tasks | 5 of 5 | yes |" in text
+    assert "| ahead of constant p=0.5 on >= 4 of 5 tasks | 5 of 5 | yes | +1 tasks |" in text
