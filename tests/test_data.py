@@ -301,3 +301,44 @@ def test_the_library_guesses_no_data_folder_the_cli_finds_the_workspace_one(tiny
                        env={**env, "PYTHONPATH": str(REPO)}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["data_source"] == str(glue / "SST-2" / "dev.tsv")
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_dynamic_padding_and_length_groups_give_the_per_example_logits(group, tmp_path):
+    """Batches pad to their own longest example (never to max_seq_length), and --group-by-length
+    batches examples of similar lengths: the logits of every row equal those of the row run alone,
+    unpadded (within float tolerance), and every row is in exactly one batch per epoch."""
+    import random
+
+    import torch
+
+    from theseus_deploy.data import Encoded, TaskData, encode, make_loader
+    from theseus_deploy.hf import load_classifier, load_tokenizer
+    from tiny import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "m", "bert", 2)
+    model, tok = load_classifier(str(model_dir)).eval(), load_tokenizer(str(model_dir))
+    rng = random.Random(0)
+    words = "the a movie film plot actor scene story music ending time people".split()
+    texts = [(" ".join(rng.choices(words, k=rng.randint(1, 40))), None) for _ in range(150)]
+    data = TaskData(get_spec("sst2"), "train", texts, np.zeros(len(texts), dtype=np.int64))
+    enc = encode(tok, data, 64, ["input_ids", "attention_mask", "token_type_ids"])
+    loader = make_loader(tok, enc, 16, True, seed=3, epoch=1, group_by_length=group)
+    batches = loader.batch_sampler
+    assert sorted(i for b in batches for i in b) == list(range(len(texts)))
+    lengths = [len(f["input_ids"]) for f in enc.features]
+    padded = 0
+    with torch.no_grad():
+        for idx, batch in zip(batches, loader):
+            batch.pop("labels")
+            assert batch["input_ids"].shape[1] == max(lengths[i] for i in idx)  # its own longest, not 64
+            padded += batch["input_ids"].numel()
+            got = model(**batch).logits
+            for row, i in enumerate(idx):
+                alone = {k: torch.tensor([v]) for k, v in enc.features[i].items()}
+                torch.testing.assert_close(got[row], model(**alone).logits[0], rtol=1e-4, atol=1e-5)
+    if group:  # similar lengths: far less padding than a random order's (same seed and epoch)
+        plain = make_loader(tok, enc, 16, True, seed=3, epoch=1).batch_sampler
+        assert padded < 0.8 * sum(len(b) * max(lengths[i] for i in b) for b in plain)
+        resumed = make_loader(tok, enc, 16, True, seed=3, epoch=1, skip_batches=4, group_by_length=True)
+        assert resumed.batch_sampler == batches[4:]  # a resumed run sees the same batches

@@ -127,9 +127,10 @@ def test_compress_teacher_is_the_predecessor_with_its_original_head(predecessor,
     assert r.theseus.training and all(m.force is None for m in r.theseus.modules_)  # mode restored
 
 
-@pytest.mark.parametrize("interrupt", [2, 5])  # before / after the head starts learning (step 3)
-def test_compress_resume_with_kd_is_bit_identical(predecessor, toy, tmp_path, interrupt):
-    kw = dict(distill_alpha=0.7, distill_temperature=3.0)
+# before / after the head starts learning (step 3); the second with length-grouped batches too
+@pytest.mark.parametrize("interrupt,group", [(2, False), (5, True)])
+def test_compress_resume_with_kd_is_bit_identical(predecessor, toy, tmp_path, interrupt, group):
+    kw = dict(distill_alpha=0.7, distill_temperature=3.0, group_by_length=group)
     full = CompressRecipe(ccfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
     part = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", **kw))
     part.cfg.stop_after_steps = interrupt

@@ -183,6 +183,9 @@ class TrainConfig(DataConfig):
     stop_after_steps: int | None = opt(None, "Stop after this step with a resumable checkpoint in <output>.partial/ "
                                              "and no output yet; continue with --resume (training in time slices, "
                                              "e.g. on preemptible machines).", ge=1)
+    group_by_length: bool = opt(False, "Training batches of similar lengths (each shuffled window of 50 batches sorted by "
+                                       "length): with per-batch dynamic padding, less padding computed per step.",
+                                resume=True)
     # Knowledge distillation (theseus_deploy/distill.py): off by default, so every run without it is unchanged.
     distill_alpha: float = opt(0.0, "Knowledge distillation weight A: loss = (1-A)*task + A*soft, soft = T^2 * "
                                     "KL(softmax(teacher/T) || softmax(student/T)) (regression: MSE of the two predictions) "

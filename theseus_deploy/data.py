@@ -456,11 +456,26 @@ class _Dataset:
         return item
 
 
+def length_grouped_batches(order: list[int], lengths: list[int], batch_size: int, window: int = 50) -> list[list[int]]:
+    """Batches of similar lengths from a shuffled `order`: each run of `window` batches' worth of
+    examples is sorted by length (longest first) and cut into batches, as transformers'
+    `group_by_length` does. Every example still appears once per epoch and the grouping follows the
+    shuffle, so it changes with (seed, epoch) and is the same for a resumed run; with dynamic
+    padding a batch then pads to a length close to its examples' own."""
+    mega = batch_size * window
+    out = []
+    for i in range(0, len(order), mega):
+        chunk = sorted(order[i:i + mega], key=lambda j: -lengths[j])  # stable: ties keep the shuffle
+        out += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return out
+
+
 def make_loader(tokenizer, encoded: Encoded, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
-                skip_batches: int = 0):
-    """Dynamic padding per batch. The shuffle order depends only on (seed, epoch), and a
-    resumed run skips the batches it already trained on, so it sees exactly the batches an
-    uninterrupted run would have seen."""
+                skip_batches: int = 0, group_by_length: bool = False):
+    """Dynamic padding per batch (each batch pads to its own longest example, never to
+    --max-seq-length). The shuffle order depends only on (seed, epoch), and a resumed run skips
+    the batches it already trained on, so it sees exactly the batches an uninterrupted run would
+    have seen. `group_by_length` (training): batches of similar lengths (`length_grouped_batches`)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -472,7 +487,11 @@ def make_loader(tokenizer, encoded: Encoded, batch_size: int, shuffle: bool, see
 
     n = len(encoded.features)
     order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1000 + epoch) % 2 ** 64)) if shuffle else torch.arange(n)
-    batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip_batches:]
+    if group_by_length:
+        lengths = [len(f["input_ids"]) for f in encoded.features]
+        batches = length_grouped_batches(order.tolist(), lengths, batch_size)[skip_batches:]
+    else:
+        batches = [order[i:i + batch_size].tolist() for i in range(0, n, batch_size)][skip_batches:]
     # A private generator: creating a loader iterator must not consume the global RNG (dropout),
     # or a resumed run would draw different dropout masks.
     return DataLoader(_Dataset(encoded), batch_sampler=batches, collate_fn=collate, generator=torch.Generator())

@@ -235,7 +235,8 @@ class Recipe:
         cfg, acc = self.cfg, self.acc
         while self.step < self.total_steps:
             epoch, skip = divmod(self.step, self.steps_per_epoch)
-            loader = make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch)
+            loader = make_loader(self.tokenizer, self.train_enc, cfg.batch_size, True, cfg.seed, epoch,
+                                 group_by_length=cfg.group_by_length)
             mine = dist.deal(loader.batch_sampler, acc.num_processes, acc.process_index, padded=True)[skip:]
             for batch in _rank_loader(loader, mine):
                 yield {k: v.to(acc.device) for k, v in batch.items()}
