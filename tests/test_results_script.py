@@ -355,3 +355,27 @@ def test_kd_report_6to3_targets(results, tmp_path):
     assert "| macro retention >= 98.0% over the tasks run | 99.4% over 5" in text and "| yes | +1.4 points |" in text
     assert "| ahead of truncation on 5 of 5 tasks | 5 of 5 | yes |" in text
     assert "| ahead of constant p=0.5 on >= 4 of 5 tasks | 5 of 5 | yes | +1 tasks |" in text
+
+
+def test_mpnet_profile_end_to_end_on_a_tiny_model(tmp_path, synthetic_glue):
+    """The commands --profile mpnet writes are accepted by the real CLI (every flag, the soft
+    targets, --group-by-length, --save-steps) and their metrics give every method a loyalty figure
+    and the report its tables: one task, a 2-layer tiny model, 1-layer successors, 2 steps each."""
+    import subprocess
+    import sys
+
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", "bert", 2)
+    doc = tmp_path / "doc.md"
+    base = [sys.executable, str(REPO / "scripts" / "results.py"), "--profile", "mpnet", "--model", str(model),
+            "--data-dir", str(synthetic_glue), "--root", str(tmp_path / "runs"), "--doc", str(doc),
+            "--successor-layers", "1", "--successor-steps", "2"]
+    r = subprocess.run([*base, "run", "--tasks", "rte"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    s = json.loads((tmp_path / "runs" / "rte" / "seed42" / "summary.json").read_text())
+    assert set(s["loyalty"]) == {"truncation", "constant", "kd", "theseus", "theseus-kd"}
+    assert all(set(v) == {"label", "probability"} for v in s["loyalty"].values())
+    text = doc.read_text()
+    assert "## Loyalty to the predecessor (dev)" in text and "| macro retention >= 98.4%" in text
+    assert "--group-by-length --save-steps 100" in text and "--distill-alpha 0.5 --distill-temperature 2" in text
