@@ -312,7 +312,7 @@ def test_dynamic_padding_and_length_groups_give_the_per_example_logits(group, tm
 
     import torch
 
-    from theseus_deploy.data import Encoded, TaskData, encode, make_loader
+    from theseus_deploy.data import TaskData, encode, make_loader
     from theseus_deploy.hf import load_classifier, load_tokenizer
     from tiny import make_tiny_model
 
