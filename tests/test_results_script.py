@@ -274,7 +274,7 @@ def test_mpnet_profile_dry_run_plans_five_methods_alike_and_writes_nothing(tmp_p
         want = min(128, 8 * math.ceil(np.percentile(lengths, 99) / 8))
         for c in mine:
             assert c[c.index("--max-seq-length") + 1] == str(want)
-            assert "--group-by-length" in c and c[c.index("--save-steps") + 1] == "100" and "--resume" not in c
+            assert "--group-by-length" in c and c[c.index("--save-steps") + 1] == "50" and "--resume" not in c
     assert not (tmp_path / "runs").exists() and not (tmp_path / "doc.md").exists()
 
 
@@ -378,4 +378,4 @@ def test_mpnet_profile_end_to_end_on_a_tiny_model(tmp_path, synthetic_glue):
     assert all(set(v) == {"label", "probability"} for v in s["loyalty"].values())
     text = doc.read_text()
     assert "## Loyalty to the predecessor (dev)" in text and "| macro retention >= 98.4%" in text
-    assert "--group-by-length --save-steps 100" in text and "--distill-alpha 0.5 --distill-temperature 2" in text
+    assert "--group-by-length --save-steps 50" in text and "--distill-alpha 0.5 --distill-temperature 2" in text
