@@ -2,7 +2,6 @@
 loyalty (compress's summary, evaluate --reference) on tiny models and hand-computed arrays."""
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -11,27 +10,13 @@ from click.testing import CliRunner
 from transformers import AutoModelForSequenceClassification
 
 from conftest import make_tiny_model
+from test_train import WORDS, write_toy
 from theseus_deploy.cli import cli
 from theseus_deploy.config import CompressConfig, FinetuneConfig
 from theseus_deploy.distill import combine, soft_target_loss, student_order
 from theseus_deploy.errors import UsageError
 from theseus_deploy.loyalty import js_distance, loyalty
 from theseus_deploy.train import CompressRecipe, FinetuneRecipe
-
-WORDS = "the a movie film plot actor scene story music ending time people way thing day".split()
-
-
-def write_toy(path, n, seed):
-    rng = random.Random(seed)
-    lines = ["text,label"]
-    for i in range(n):
-        words = rng.choices(WORDS, k=rng.randint(4, 10))
-        if i % 2:
-            words.insert(rng.randrange(len(words) + 1), "great")
-        lines.append(f"{' '.join(words)},{i % 2}")
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

@@ -26,7 +26,7 @@ import os
 import random
 
 from .errors import UsageError
-from .io import RANK_VARS, _rank, output_lock
+from .io import RANK_VARS, _rank, argument_getter, output_lock
 
 # The variables accelerate reads (accelerate.utils.environment.get_cpu_distributed_information):
 # torchrun / accelerate launch, Intel MPI / MPICH (PMI_*), Open MPI, MVAPICH. SLURM's SLURM_PROCID
@@ -177,18 +177,12 @@ def locks_output(arg: str = "cfg.output"):
     started first, then only the main process takes the output lock, and every rank learns whether
     it got it, so a refused run stops on every rank with the same one-line error (before: the rank
     came from RANK, unset under mpirun until accelerate ran, and both ranks raced for the lock)."""
-    name, _, attr = arg.partition(".")
-
     def decorate(fn):
-        import inspect
-
-        sig = inspect.signature(fn)
+        get = argument_getter(fn, arg)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            value = sig.bind(*args, **kwargs).arguments.get(name)
-            if attr and value is not None:
-                value = getattr(value, attr, None)
+            value = get(args, kwargs)
             if not value:
                 return fn(*args, **kwargs)
             st = state()

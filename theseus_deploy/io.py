@@ -270,22 +270,31 @@ def _apply_umask(root: Path) -> None:
                 os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
+def argument_getter(fn, arg: str):
+    """A function of (args, kwargs) giving the value of `fn`'s argument `arg` in a call: "output",
+    or "cfg.output" for an attribute of an argument (None when absent)."""
+    import inspect
+
+    sig, (name, _, attr) = inspect.signature(fn), arg.partition(".")
+
+    def get(args, kwargs):
+        value = sig.bind(*args, **kwargs).arguments.get(name)
+        return getattr(value, attr, None) if attr and value is not None else value
+
+    return get
+
+
 def locks_output(arg: str = "output", what: str = "--output"):
     """Decorator: the function runs under `output_lock` of its argument `arg` ("output", or "cfg.output"
     for an attribute of an argument); no lock when that value is None."""
     import functools
-    import inspect
-
-    name, _, attr = arg.partition(".")
 
     def decorate(fn):
-        sig = inspect.signature(fn)
+        get = argument_getter(fn, arg)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            value = sig.bind(*args, **kwargs).arguments.get(name)
-            if attr and value is not None:
-                value = getattr(value, attr, None)
+            value = get(args, kwargs)
             if value is None:
                 return fn(*args, **kwargs)
             with output_lock(value, what):
