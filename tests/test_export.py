@@ -193,6 +193,41 @@ def test_task_level_check(tiny_bert, tmp_path, glue_dir):
     assert not (tmp_path / "t" / "model.onnx").exists()
 
 
+def test_task_check_records_loyalty(tiny_bert, tmp_path, glue_dir):
+    """With --task each artifact's loyalty to its PyTorch model is in the manifest: the fp32 graph
+    decides like PyTorch on every row (label loyalty exactly 1), and its distributions all but equal."""
+    m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx"], output=str(tmp_path / "t"),
+                                     max_seq_length=64, task="sst2", data_dir=str(glue_dir), max_eval_samples=64))
+    loy = m["artifacts"][0]["validation"]["task"]["loyalty"]
+    assert loy["label"] == 1.0 and 0.9999 < loy["probability"] <= 1.0
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["artifacts"][0]["validation"]["task"]["loyalty"] == loy
+
+
+def test_min_loyalty_refuses_an_artifact_and_writes_nothing(tmp_path, glue_dir):
+    """Regression: loyalty is the Pearson correlation of the two predictions. INT8 is never exact (on
+    the tiny random model, whose predictions barely vary across rows, its noise even dominates them);
+    the same export with --min-loyalty above the recorded value is refused: one line, exit 2, no
+    folder; at the recorded value it passes."""
+    from tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "reg", "bert", 2, num_labels=1)
+    flags = ["--model", str(model), "--format", "onnx-int8", "--max-seq-length", "64", "--task", "stsb",
+             "--data-dir", str(glue_dir), "--max-eval-samples", "48"]
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    loy = json.loads((tmp_path / "ok" / "manifest.json").read_text())["artifacts"][0]["validation"]["task"]["loyalty"]
+    pearson = loy["pearson"]
+    assert set(loy) == {"pearson"} and -1.0 <= pearson < 1.0 and "loyalty prediction Pearson" in r.output
+    limit = f"{min(1.0, max(pearson, 0.0) + 0.01):.6f}"
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "no"), "--min-loyalty", limit])
+    assert r.exit_code == 2, r.output
+    assert f"onnx-int8: prediction Pearson to PyTorch on dev {pearson:.4f} < --min-loyalty" in r.output
+    assert not (tmp_path / "no").exists()
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "at"),
+                                 "--min-loyalty", f"{max(0.0, pearson - 1e-6):.6f}"])
+    assert r.exit_code == 0, r.output
+
+
 def test_validation_inputs_are_padded_like_real_batches():
     from theseus_deploy.runtime import random_inputs
 

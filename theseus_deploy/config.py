@@ -351,6 +351,9 @@ class ExportConfig(Checked):
     max_eval_samples: int | None = opt(None, "Score only the first N dev examples.", ge=1)
     max_task_drop: float = opt(0.01, "With --task: fail if an artifact's dev score is more than this below PyTorch's "
                                      "(0.01 = 1 point).", ge=0, le=1)
+    min_loyalty: float = opt(0.0, "With --task: fail if an artifact's label loyalty to PyTorch (the share of dev rows "
+                                  "where both predict the same label; regression: the Pearson correlation of the two "
+                                  "predictions) is below this. Always recorded in the manifest; 0: no limit.", ge=0, le=1)
     int8: Int8Config = group(Int8Config, "int8_")
     allow_unfused: bool = opt(False, "Keep a BERT/RoBERTa graph whose attention ONNX Runtime did not fuse (onnxruntime "
                                      "< 1.31 with transformers 5): it runs, but slower. Default: fail with an error.")
@@ -515,6 +518,9 @@ class _SweepOwn(Checked):
     percentile: str = opt("p99", "Latency percentile compared with the budget.", choices=["p50", "p90", "p99"])
     max_task_drop: float = opt(0.01, "Largest allowed drop of the dev score below the predecessor's (0.01 = 1 point); "
                                      "each export is also checked against its own PyTorch model with it.", ge=0, le=1)
+    min_loyalty: float = opt(0.0, "Smallest allowed label loyalty to the predecessor (the share of dev rows where a "
+                                  "point predicts the predecessor's label; regression: the Pearson correlation of the "
+                                  "two predictions), a limit beside --max-task-drop; 0: no limit.", ge=0, le=1)
     warmup: int = opt(10, "Warm-up calls per runner before timing.", ge=0)
     iterations: int = opt(200, "--latency-shape: at least this many timed calls per point (over all rounds).", ge=1)
     min_seconds: float = opt(1.0, "--latency-shape: and at least this many seconds per point.", ge=0)

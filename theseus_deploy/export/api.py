@@ -19,12 +19,14 @@ from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_t
                                load_config, load_tokenizer, max_positions)
 from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output
 from theseus_deploy.io import sha256_file as _sha256
+from theseus_deploy.loyalty import loyalty
+from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import FORMATS
 from theseus_deploy.runtime import TorchRunner, precheck
 
 from .formats import BuildContext, check_calibration_flags
 from .trt import Profile
-from .validate import check_task_drop, shapes_for, task_metric
+from .validate import check_loyalty, check_task_drop, shapes_for, task_logits
 from .validate import validate as check
 
 DEFAULT_MAX_SEQ_LENGTH = 512  # export's --max-seq-length when none is given (capped at the position table)
@@ -128,8 +130,9 @@ def export_model(cfg) -> dict:
         manifest["input_names"], manifest["output_names"] = ctx.info["input_names"], ctx.info["output_names"]
         reference = TorchRunner(reference_model, "torch", "cpu", cfg.threads)
         if data is not None:
+            ref_logits = task_logits(reference, tokenizer, data, max_seq_length=task_len)
             manifest["task"] = {"name": data.spec.name, "split": "dev", "num_examples": len(data),
-                                "pytorch": task_metric(reference, tokenizer, data, max_seq_length=task_len)}
+                                "pytorch": compute_metrics(data.spec, ref_logits, data.labels)}
         for name in todo:
             fmt, t0 = FORMATS[name], time.time()
             entry = {"format": name, "file": fmt.file}
@@ -140,10 +143,15 @@ def export_model(cfg) -> dict:
             if cfg.validate:
                 entry["validation"] = {"shapes": check(reference, runner, name, shapes_for(*profile.max), cfg.atol)}
                 if data is not None:
-                    m = task_metric(runner, tokenizer, data, max_seq_length=task_len)
+                    got = task_logits(runner, tokenizer, data, max_seq_length=task_len)
+                    m = compute_metrics(data.spec, got, data.labels)
                     ref_score = manifest["task"]["pytorch"]["score"]
-                    entry["validation"]["task"] = {**m, "delta_vs_pytorch": m["score"] - ref_score}
+                    # loyalty: does the artifact decide like its PyTorch model, row by row (a score
+                    # can hold while other rows flip)
+                    loy = loyalty(got, ref_logits, data.spec.is_regression)
+                    entry["validation"]["task"] = {**m, "delta_vs_pytorch": m["score"] - ref_score, "loyalty": loy}
                     check_task_drop(name, m["score"], ref_score, cfg.max_task_drop)
+                    check_loyalty(name, loy, cfg.min_loyalty)
             if fmt.file:
                 p = ctx.path(name)
                 entry["bytes"], entry["sha256"] = p.stat().st_size, _sha256(p)

@@ -16,6 +16,7 @@ def export(**kwargs):
     """Export a model to ONNX / ONNX Runtime INT8 / FP16 / TensorRT, each validated against PyTorch."""
     from theseus_deploy.export.api import export_model
     from theseus_deploy.export.validate import ValidationError
+    from theseus_deploy.loyalty import describe
 
     cfg = C.ExportConfig.of(**kwargs)
     writers = [f for f in cfg.formats if f in WRITERS]
@@ -44,6 +45,8 @@ def export(**kwargs):
             line += f"  max|diff| {worst:.2e}"
         if task:
             line += f"  dev {task['score']:.4f} ({task['delta_vs_pytorch']:+.4f} vs PyTorch)"
+            if task.get("loyalty"):
+                line += f", loyalty {describe(task['loyalty'])}"
         if a.get("fused_ops"):
             line += "  fused " + json.dumps({k: v for k, v in a["fused_ops"].items() if v})
         click.echo(line)

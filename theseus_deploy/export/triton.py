@@ -303,6 +303,13 @@ def _check_ensemble(folder, m, models, problems):
             problems.append(f"{where}: output '{t.name}' is produced by no step")
 
 
+def _loyalty_note(task: dict) -> str:
+    loy = task.get("loyalty")
+    if not loy:
+        return ""
+    return f" (label loyalty {loy['label']:.4f})" if "label" in loy else f" (prediction Pearson {loy['pearson']:.4f})"
+
+
 def model_card(repo: dict, config) -> str:
     m = repo["export_manifest"]
     task = m.get("task") or {}
@@ -330,7 +337,8 @@ def model_card(repo: dict, config) -> str:
     if task:
         lines += ["## Scores", "", f"{task.get('name')} dev ({task.get('num_examples')} examples): PyTorch "
                   f"{task['pytorch']['score']:.4f}" + "".join(
-                      f"; {a['format']} {a['validation']['task']['score']:.4f}" for a in m["artifacts"]
+                      f"; {a['format']} {a['validation']['task']['score']:.4f}" + _loyalty_note(a['validation']['task'])
+                      for a in m["artifacts"]
                       if a.get("validation", {}).get("task")), ""]
     lines += ["## Versions", "", "```", json.dumps(m.get("versions", {}), indent=1), "```", ""]
     return "\n".join(lines)

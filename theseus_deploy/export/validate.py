@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import FORMATS
 from theseus_deploy.runtime import random_inputs
 
 # Absolute tolerance on logits per format: `Format.atol` in theseus_deploy/registry.py (None:
 # scale-relative below). What matters for INT8/bf16 is the task-level check (`--task`): the dev
-# score may drop at most `MAX_TASK_DROP`.
+# score may drop at most `MAX_TASK_DROP`, and with --min-loyalty the artifact must decide like
+# PyTorch on at least that share of dev rows (theseus_deploy/loyalty.py).
 REL_LOOSE = 0.5           # int8 / bf16: max |diff| <= REL_LOOSE * max |logit| (+ 1e-3)
 MAX_TASK_DROP = 0.01      # with --task: artifact score >= PyTorch score - 1 point
 VALIDATION_SHAPES = ((1, 16), (3, 37), (8, 128))
@@ -102,10 +104,29 @@ def check_task_drop(fmt: str, score: float, reference: float, max_drop: float = 
                              f"(allowed drop {max_drop:.4f})")
 
 
+class LoyaltyTooLow(ValidationError):
+    pass
+
+
+def loyalty_value(loy: dict) -> float:
+    """The one number a loyalty limit compares: label loyalty, or for regression the Pearson
+    correlation of the two models' predictions."""
+    return loy["label"] if "label" in loy else loy["pearson"]
+
+
+def check_loyalty(fmt: str, loy: dict, min_loyalty: float):
+    if min_loyalty > 0 and loyalty_value(loy) < min_loyalty:
+        what = "label loyalty" if "label" in loy else "prediction Pearson"
+        raise LoyaltyTooLow(f"{fmt}: {what} to PyTorch on dev {loyalty_value(loy):.4f} < --min-loyalty {min_loyalty:g}")
+
+
 def task_metric(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32) -> dict:
     """Dev-set metric of any runner (the same loop for PyTorch and every artifact)."""
-    from theseus_deploy.metrics import compute_metrics
+    return compute_metrics(data.spec, task_logits(runner, tokenizer, data, max_seq_length, batch_size), data.labels)
 
+
+def task_logits(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32) -> np.ndarray:
+    """Dev-set logits of any runner, rows in the data's order, columns in the runner model's label ids."""
     logits = []
     for i in range(0, len(data.texts), batch_size):
         chunk = data.texts[i:i + batch_size]
@@ -113,4 +134,4 @@ def task_metric(runner, tokenizer, data, max_seq_length: int = 128, batch_size: 
         b = [t[1] for t in chunk] if chunk[0][1] is not None else None
         enc = tokenizer(a, b, truncation=True, max_length=max_seq_length, padding=True, return_tensors="np")
         logits.append(runner.logits(runner.encode(dict(enc))))
-    return compute_metrics(data.spec, np.concatenate(logits), data.labels)
+    return np.concatenate(logits)
