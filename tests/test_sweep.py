@@ -83,6 +83,20 @@ def test_closest_tie_goes_to_the_faster_point():
     assert d.choice is None and pts[d.closest].name == "L3 onnx-int8"
 
 
+def test_loyalty_limit_beside_budget_and_drop():
+    """--min-loyalty: a point deciding unlike the predecessor is no choice, however good its score;
+    unknown loyalty never meets a limit; the closest point counts the shortfall like an excess."""
+    pts = [Point(6, "torch", 0.90, 0.010, 0.0, 1.0), Point(4, "onnx", 0.895, 0.004, 0.005, 0.93),
+           Point(4, "onnx-int8", 0.89, 0.003, 0.01, 0.985), Point(3, "onnx", 0.90, 0.002, 0.0, None)]
+    assert pts[decide(pts, 0.005, 0.01).choice].name == "L3 onnx"            # no limit: loyalty is not asked
+    d = decide(pts, 0.005, 0.01, 0.95)
+    assert pts[d.choice].name == "L4 onnx-int8" and d.min_loyalty == 0.95    # L3: unknown, L4 onnx: 0.93
+    d = decide(pts, 0.005, 0.01, 0.99)
+    assert d.choice is None and pts[d.closest].name == "L4 onnx-int8"        # 0.005 short of 0.01 left: 0.5; L6: 100% over budget
+    msg = nothing_message(pts, d, "p99")
+    assert "loyalty >= 0.99" in msg and "loyalty 0.9850 < 0.99" in msg
+
+
 @pytest.mark.parametrize("text,seconds", [("5ms", 0.005), ("0.005s", 0.005), ("500us", 0.0005), ("5 ms", 0.005),
                                           ("2.5e-3s", 0.0025), ("500µs", 0.0005)])
 def test_latency_budget_parsing(text, seconds):
@@ -347,8 +361,39 @@ def test_a_second_live_sweep_on_dir_is_refused(setup, tmp_path):
         holder.wait()
 
 
+def test_loyalty_recorded_and_a_limit_redecides_without_rescoring(setup, finished, tmp_path):
+    """Every point's loyalty to the predecessor (label, probability) is in sweep.json, sweep.csv and
+    report.md, computed from the dev logits the stages keep: --min-loyalty re-decides from a finished
+    sweep without scoring, training or timing again."""
+    out = tmp_path / "s"
+    shutil.copytree(finished, out)
+    rec = json.loads((out / "sweep.json").read_text())
+    by = {(p["layers"], p["backend"]): p for p in rec["points"]}
+    assert by[(4, "torch")]["loyalty"]["label"] == 1.0 and by[(4, "torch")]["loyalty"]["probability"] == pytest.approx(1.0)
+    assert by[(4, "onnx")]["loyalty"]["label"] == 1.0                        # the fp32 graph of the predecessor
+    succ = by[(2, "torch")]["loyalty"]
+    assert 0.0 <= succ["label"] <= 1.0 and 0.0 <= succ["probability"] <= 1.0
+    assert "dev_logits" not in by[(2, "torch")] and len(json.loads((out / "L2" / "eval.json").read_text())["dev_logits"]) == 64
+    header = (out / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert header[5] == "loyalty"
+    assert "| loyalty |" in (out / "report.md").read_text()
+    weights = out / "L2" / "model" / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    limit = 1.0 if succ["label"] < 1.0 else None
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "10s", "--max-task-drop", "1",
+                                     "--min-loyalty", "1"), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "sweep.json").read_text())
+    assert all(s["reused"] for s in rec["stages"]) and weights.stat().st_mtime_ns == mtime
+    chosen = next(p for p in rec["points"] if p.get("chosen"))
+    assert chosen["loyalty"]["label"] == 1.0 and rec["decision"]["min_loyalty"] == 1.0
+    if limit:  # the 2-layer successor disagrees with the predecessor on some rows: not within the limit
+        assert not any(p.get("meets") for p in rec["points"] if p["layers"] == 2 and p["backend"] == "torch")
+
+
 DAMAGED = [
     ("L4/eval.json", "{not json"),
+    ("L4/eval.json", json.dumps({"layers": 4, "metrics": {"score": 0.5}, "dev_logits": [[0.1, 0.2], [0.3]]})),
     ("L4/eval.json", json.dumps({"layers": 4, "metrics": {"score": "high"}})),
     ("L2/onnx.json", json.dumps(["a", "list"])),
     ("L2/onnx.json", json.dumps({"metrics": None})),

@@ -4,16 +4,17 @@ DIR layout (every stage writes atomically, so a killed sweep leaves only finishe
 
     sweep-config.json        the settings that decide the trained models and exports
     L4/model/                compress output (L4/model.partial/: its resumable checkpoint)
-    L4/eval.json             PyTorch fp32 dev score (the same loop as every artifact's)
+    L4/eval.json             PyTorch fp32 dev score and logits (the same loop as every artifact's)
     L4/export-onnx-int8/     export folder (manifest.json, artifact, config, tokenizer)
-    L4/onnx-int8.json        that artifact's dev score, or why it was rejected
+    L4/onnx-int8.json        that artifact's dev score and logits, or why it was rejected
     latency-1x128.json       timing of all points, reused while the points and settings are the same
     sweep.json sweep.csv report.md pareto.png best/
 
 A stage whose output exists is reused; `--overwrite` starts over. Settings that change a trained
 model or an export (compress flags, export flags, data) must match `sweep-config.json`, otherwise
 the sweep refuses: reusing models trained differently would mislabel them. Budget, percentile,
-drop limit, depths and backends may change freely: a new budget re-decides from what is there.
+drop and loyalty limits, depths and backends may change freely: a new budget re-decides from
+what is there (loyalty to the predecessor is computed from the stored dev logits).
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from theseus_deploy.bench.sweep import Entry
 from theseus_deploy.data import label_mapping, load_from_config
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
-from theseus_deploy.export.validate import ValidationError, task_metric
+from theseus_deploy.export.validate import ValidationError, loyalty_value, task_logits
 from theseus_deploy.hf import check_model_source, load_config, load_tokenizer
 from theseus_deploy.io import check_not_inside, locks_output, write_json
+from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import BACKENDS, FORMATS, export_format
 from theseus_deploy.runtime import load_runner
 from theseus_deploy.train import run_compress
@@ -113,7 +115,10 @@ def _number(x) -> bool:
 
 
 def _scored(v: dict) -> bool:
-    return isinstance(v.get("metrics"), dict) and _number(v["metrics"].get("score"))
+    logits = v.get("dev_logits")  # absent in stage files from before loyalty was recorded
+    return isinstance(v.get("metrics"), dict) and _number(v["metrics"].get("score")) and (
+        logits is None or (isinstance(logits, list) and logits and all(
+            isinstance(row, list) and len(row) == len(logits[0]) and all(map(_number, row)) for row in logits)))
 
 
 def _point(v: dict) -> bool:
@@ -241,10 +246,13 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     tokenizer_cache = {}
 
     def score(runner, d) -> dict:
+        """Dev metrics and logits (kept in the stage file: loyalty to the predecessor is computed from
+        them when the sweep decides, so a new --min-loyalty re-decides without scoring again)."""
         if d not in tokenizer_cache:
             tokenizer_cache[d] = load_tokenizer(str(model_dir(d)))
         length = min(max(EVAL_MAX_LENGTH, cfg.max_seq_length), max_pos)
-        return task_metric(runner, tokenizer_cache[d], dev, max_seq_length=length, batch_size=cfg.eval_batch_size)
+        logits = task_logits(runner, tokenizer_cache[d], dev, max_seq_length=length, batch_size=cfg.eval_batch_size)
+        return {"metrics": compute_metrics(dev.spec, logits, dev.labels), "dev_logits": logits.tolist()}
 
     def compress(d: int):
         folder = model_dir(d)
@@ -254,7 +262,7 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     def evaluate(d: int):
         runner = load_runner(str(model_dir(d)), "torch", cfg.device, cfg.threads)
         write_json(out / f"L{d}" / "eval.json", {"layers": d, "backend": "torch", "model": str(model_dir(d)),
-                                                 "metrics": score(runner, d)})
+                                                 **score(runner, d)})
 
     def export(d: int, bk: str):
         write_json(out / f"L{d}" / f"{bk}.json", _export_point(cfg, d, bk, model_dir(d), out / f"L{d}", mode, max_pos, score))
@@ -275,7 +283,8 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     def points_info() -> dict:
         info = {}
         for d in depths:
-            info[(d, "torch")] = {"metrics": read_stage(out / f"L{d}" / "eval.json", _scored)["metrics"],
+            ev = read_stage(out / f"L{d}" / "eval.json", _scored)
+            info[(d, "torch")] = {"metrics": ev["metrics"], "dev_logits": ev.get("dev_logits"),
                                   "run": str(model_dir(d))}  # also the reference
             for bk in backends:
                 if bk != "torch":
@@ -324,9 +333,10 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     # ---- decide, report
     record = build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency, record_stages,
                           time.time() - t_start)
-    pts = [Point(r["layers"], r["backend"], r["score"], r["latency_s"][cfg.percentile], r["drop"])
+    pts = [Point(r["layers"], r["backend"], r["score"], r["latency_s"][cfg.percentile], r["drop"],
+                 loyalty_value(r["loyalty"]) if r.get("loyalty") else None)
            for r in record["points"] if r.get("candidate")]
-    decision = decide(pts, budget, cfg.max_task_drop) if pts else None
+    decision = decide(pts, budget, cfg.max_task_drop, cfg.min_loyalty) if pts else None
     write_outputs(out, record, pts, decision, cfg, info, model_dir)
     if decision is not None and decision.choice is None:
         record["decision"]["message"] = nothing_message(pts, decision, cfg.percentile)
@@ -359,7 +369,7 @@ def _export_point(cfg, d: int, backend: str, model: Path, folder: Path, mode: di
             run_from = export_dir
     runner = load_runner(str(run_from), backend, cfg.device, cfg.threads)
     rec["run"] = str(run_from)
-    rec["metrics"] = score(runner, d)
+    rec.update(score(runner, d))
     return rec
 
 

@@ -5,13 +5,17 @@ points and a new budget re-decides from a finished sweep without loading a model
 
 - a point is on the frontier when no other point is at least as fast *and* at least as accurate,
   and strictly better in one of the two (exact duplicates: the first listed stays);
-- the choice is the point with the best dev score among those within the latency budget and the
-  drop limit (drop = predecessor's score - point's score); ties go to the lower latency, then to
-  the shallower model. Such a point is always on the frontier: a point that dominated it would
-  also meet both limits and win the tie-break;
-- when nothing meets both limits, the *closest* point is the one with the smallest sum of relative
+- the choice is the point with the best dev score among those within the latency budget, the
+  drop limit (drop = predecessor's score - point's score) and, when one is set, the loyalty limit
+  (label loyalty to the predecessor: the share of dev rows where the point predicts the
+  predecessor's label; regression: the Pearson correlation of the two predictions); ties go to
+  the lower latency, then to the shallower model. Without a loyalty limit such a point is always
+  on the frontier: a point that dominated it would also meet both limits and win the tie-break
+  (loyalty is a third axis: a loyal point may be dominated in latency and score by a disloyal one);
+- when nothing meets the limits, the *closest* point is the one with the smallest sum of relative
   excesses: latency over budget (as a fraction of the budget) plus drop over the limit (as a
-  fraction of the limit, floor 1 point), i.e. "10% too slow" weighs like "0.1 points too lossy"
+  fraction of the limit, floor 1 point) plus loyalty under its limit (as a fraction of what the
+  limit leaves, 1 - limit, floor 1 point), i.e. "10% too slow" weighs like "0.1 points too lossy"
   at a 1-point limit; ties go to the better score, then the lower latency.
 """
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Point:
     score: float
     latency: float          # seconds, at the percentile the decision uses
     drop: float = 0.0       # predecessor's score - this score (negative: better than the predecessor)
+    loyalty: float | None = None  # label loyalty to the predecessor (regression: Pearson); None: unknown
 
     @property
     def name(self) -> str:
@@ -71,14 +76,22 @@ def frontier(points: list[Point]) -> list[int]:
     return out
 
 
-def meets(p: Point, budget: float | None, max_drop: float) -> bool:
-    return (budget is None or p.latency <= budget + EPS) and p.drop <= max_drop + EPS
+def loyal(p: Point, min_loyalty: float) -> bool:
+    """Within the loyalty limit (no limit: always; a point of unknown loyalty never meets one)."""
+    return min_loyalty <= 0 or (p.loyalty is not None and p.loyalty >= min_loyalty - EPS)
 
 
-def excess(p: Point, budget: float | None, max_drop: float) -> float:
+def meets(p: Point, budget: float | None, max_drop: float, min_loyalty: float = 0.0) -> bool:
+    return (budget is None or p.latency <= budget + EPS) and p.drop <= max_drop + EPS and loyal(p, min_loyalty)
+
+
+def excess(p: Point, budget: float | None, max_drop: float, min_loyalty: float = 0.0) -> float:
     lat = max(0.0, p.latency / budget - 1.0) if budget else 0.0
     drop = max(0.0, p.drop - max_drop) / max(max_drop, 0.01)
-    return lat + drop
+    short = 0.0
+    if min_loyalty > 0:
+        short = (max(0.0, min_loyalty - p.loyalty) if p.loyalty is not None else 1.0) / max(1.0 - min_loyalty, 0.01)
+    return lat + drop + short
 
 
 @dataclass
@@ -88,22 +101,23 @@ class Decision:
     closest: int | None     # only when nothing meets both limits
     budget: float | None
     max_drop: float
+    min_loyalty: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def decide(points: list[Point], budget: float | None, max_drop: float) -> Decision:
+def decide(points: list[Point], budget: float | None, max_drop: float, min_loyalty: float = 0.0) -> Decision:
     if not points:
         raise ValueError("no points")
     front = frontier(points)
-    ok = [i for i in range(len(points)) if meets(points[i], budget, max_drop)]
+    ok = [i for i in range(len(points)) if meets(points[i], budget, max_drop, min_loyalty)]
     if ok:
         choice = min(ok, key=lambda i: (-points[i].score, points[i].latency, points[i].layers, i))
-        return Decision(front, choice, None, budget, max_drop)
-    closest = min(range(len(points)),
-                  key=lambda i: (excess(points[i], budget, max_drop), -points[i].score, points[i].latency, i))
-    return Decision(front, None, closest, budget, max_drop)
+        return Decision(front, choice, None, budget, max_drop, min_loyalty)
+    closest = min(range(len(points)), key=lambda i: (excess(points[i], budget, max_drop, min_loyalty),
+                                                     -points[i].score, points[i].latency, i))
+    return Decision(front, None, closest, budget, max_drop, min_loyalty)
 
 
 def own_drop_rejection(own: float, score: float, max_drop: float) -> str | None:
@@ -116,8 +130,9 @@ def own_drop_rejection(own: float, score: float, max_drop: float) -> str | None:
 
 
 def marks(points: list[Point], d: Decision) -> list[dict]:
-    """Per point: on the frontier, meets both limits, chosen."""
-    return [{"on_frontier": j in d.frontier, "meets": meets(p, d.budget, d.max_drop), "chosen": j == d.choice}
+    """Per point: on the frontier, meets the limits, chosen."""
+    return [{"on_frontier": j in d.frontier, "meets": meets(p, d.budget, d.max_drop, d.min_loyalty),
+             "chosen": j == d.choice}
             for j, p in enumerate(points)]
 
 
@@ -130,11 +145,15 @@ def fmt_latency(seconds: float) -> str:
 def nothing_message(points: list[Point], d: Decision, percentile: str) -> str:
     """One line: which limits, and the closest point with what it misses by."""
     p = points[d.closest]
-    limits = ([f"{percentile} <= {fmt_latency(d.budget)}"] if d.budget else []) + [f"drop <= {d.max_drop:g}"]
+    limits = (([f"{percentile} <= {fmt_latency(d.budget)}"] if d.budget else []) + [f"drop <= {d.max_drop:g}"]
+              + ([f"loyalty >= {d.min_loyalty:g}"] if d.min_loyalty > 0 else []))
     misses = []
     if d.budget and p.latency > d.budget + EPS:
         misses.append(f"{percentile} {fmt_latency(p.latency)}, {100 * (p.latency / d.budget - 1):.0f}% over budget")
     if p.drop > d.max_drop + EPS:
         misses.append(f"drop {p.drop:.4f} > {d.max_drop:g}")
+    if not loyal(p, d.min_loyalty):
+        misses.append(f"loyalty {p.loyalty:.4f} < {d.min_loyalty:g}" if p.loyalty is not None else
+                      "loyalty unknown (a stage file from before loyalty was recorded: delete it to recompute)")
     return (f"no point meets {' and '.join(limits)}; closest: {p.name} (dev {p.score:.4f}, "
             f"{'; '.join(misses)})")

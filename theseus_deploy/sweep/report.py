@@ -12,7 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from theseus_deploy.io import atomic_output_dir, atomic_write_text, write_json
+from theseus_deploy.loyalty import loyalty
 
 from .pareto import fmt_latency, marks, nothing_message, own_drop_rejection
 
@@ -21,8 +24,18 @@ def _pred_score(info, pred_layers) -> float:
     return info[(pred_layers, "torch")]["metrics"]["score"]
 
 
+def point_loyalty(logits, reference) -> dict | None:
+    """Loyalty of a point's dev logits to the predecessor's (None when a stage file holds no logits:
+    written before loyalty was recorded)."""
+    if logits is None or reference is None:
+        return None
+    a, b = np.asarray(logits, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return loyalty(a, b, regression=b.shape[-1] == 1)
+
+
 def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency, stages, seconds) -> dict:
     ref_score = _pred_score(info, pred_layers)
+    ref_logits = info[(pred_layers, "torch")].get("dev_logits")
     timed = latency["points"]
     points = []
     for d in depths:
@@ -36,7 +49,8 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
                 points.append(rec)
                 continue
             s = i["metrics"]["score"]
-            rec.update(score=s, metrics=i["metrics"], drop=ref_score - s, drop_vs_own_torch=own - s)
+            rec.update(score=s, metrics=i["metrics"], drop=ref_score - s, drop_vs_own_torch=own - s,
+                       loyalty=point_loyalty(i.get("dev_logits"), ref_logits))
             why = own_drop_rejection(own, s, cfg.max_task_drop) if bk != "torch" else None
             if why:
                 rec["rejected"] = why
@@ -54,7 +68,18 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
                             "metrics": info[(pred_layers, "torch")]["metrics"],
                             "latency_s": timed[f"L{pred_layers}|torch"]["latency"]},
             "points": points, "stages": stages, "seconds": round(seconds, 1),
-            "decision": {"budget_s": budget, "percentile": cfg.percentile, "max_task_drop": cfg.max_task_drop}}
+            "decision": {"budget_s": budget, "percentile": cfg.percentile, "max_task_drop": cfg.max_task_drop,
+                         "min_loyalty": cfg.min_loyalty}}
+
+
+def _loyalty_number(rec) -> float | None:
+    loy = rec.get("loyalty")
+    return (loy["label"] if "label" in loy else loy["pearson"]) if loy else None
+
+
+def _loyalty_cell(rec) -> str:
+    v = _loyalty_number(rec)
+    return "-" if v is None else f"{v:.4f}"
 
 
 def _ms(x) -> str:
@@ -67,7 +92,7 @@ def _speed(rec, key) -> str:
 
 
 def write_csv(points, path: Path):
-    cols = ["layers", "backend", "role", "score", "drop", "p50_ms", "p90_ms", "p99_ms", "speedup_vs_pred_fp32",
+    cols = ["layers", "backend", "role", "score", "drop", "loyalty", "p50_ms", "p90_ms", "p99_ms", "speedup_vs_pred_fp32",
             "speedup_vs_pred_same_backend", "on_frontier", "meets_limits", "chosen", "rejected"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols)
@@ -75,7 +100,8 @@ def write_csv(points, path: Path):
     for r in points:
         lat = r.get("latency_s") or {}
         w.writerow({"layers": r["layers"], "backend": r["backend"], "role": r["role"], "score": r.get("score"),
-                    "drop": r.get("drop"), **{f"{q}_ms": 1000 * lat[q] if q in lat else None for q in ("p50", "p90", "p99")},
+                    "drop": r.get("drop"), "loyalty": _loyalty_number(r),
+                    **{f"{q}_ms": 1000 * lat[q] if q in lat else None for q in ("p50", "p90", "p99")},
                     "speedup_vs_pred_fp32": (r.get("vs_predecessor_torch_fp32") or {}).get("median"),
                     "speedup_vs_pred_same_backend": (r.get("vs_predecessor_same_backend") or {}).get("median"),
                     "on_frontier": r.get("on_frontier", False), "meets_limits": r.get("meets", False),
@@ -102,23 +128,28 @@ def markdown(record: dict) -> str:
            "Per-depth compress budget: " + (f"{cfg['max_steps']} steps" if cfg.get("max_steps") else f"{cfg['epochs']:g} epoch(s)")
            + f" at sequence length {cfg['max_seq_length']}, batch {cfg['batch_size']}, seed {cfg['seed']}.",
            f"Limits: {q} <= " + (fmt_latency(dec["budget_s"]) if dec["budget_s"] else "(no budget)")
-           + f", dev score at most {dec['max_task_drop']:g} below the predecessor's.", "", "## Choice", ""]
+           + f", dev score at most {dec['max_task_drop']:g} below the predecessor's"
+           + (f", loyalty to the predecessor at least {dec['min_loyalty']:g}" if dec.get("min_loyalty") else "")
+           + ". Loyalty: the share of dev rows where a point predicts the predecessor's label (regression: the "
+           "Pearson correlation of the two predictions).", "", "## Choice", ""]
     if dec.get("choice"):
         c = next(r for r in record["points"] if r.get("chosen"))
-        out.append(f"**{dec['choice']}**: dev {c['score']:.4f} (drop {c['drop']:+.4f}), {q} "
+        out.append(f"**{dec['choice']}**: dev {c['score']:.4f} (drop {c['drop']:+.4f}, loyalty {_loyalty_cell(c)}), {q} "
                    f"{fmt_latency(c['latency_s'][q])}, {_speed(c, 'vs_predecessor_torch_fp32')} vs the predecessor in "
                    f"PyTorch fp32. Copied to `best/`: `TextClassifier.load(\"best\", backend=\"{c['backend']}\")`.")
     else:
         out.append(f"Nothing chosen: {dec.get('message', 'no candidate point')}.")
     out += ["", f"## Points ({q} decides; * frontier, > chosen)", "",
-            "| depth | backend | dev score | drop | p50 ms | p99 ms | vs pred fp32 | vs pred same backend | frontier | within limits |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| depth | backend | dev score | drop | loyalty | p50 ms | p99 ms | vs pred fp32 | vs pred same backend | frontier "
+            "| within limits |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in record["points"]:
         if not r.get("candidate"):
             continue
         mark = ">" if r.get("chosen") else ""
         lat = r["latency_s"]
-        out.append(f"| {mark}{r['layers']} | {r['backend']} | {r['score']:.4f} | {r['drop']:+.4f} | {_ms(lat['p50'])} | "
+        out.append(f"| {mark}{r['layers']} | {r['backend']} | {r['score']:.4f} | {r['drop']:+.4f} | {_loyalty_cell(r)} | "
+                   f"{_ms(lat['p50'])} | "
                    f"{_ms(lat['p99'])} | {_speed(r, 'vs_predecessor_torch_fp32')} | "
                    f"{_speed(r, 'vs_predecessor_same_backend')} | {'*' if r.get('on_frontier') else ''} | "
                    f"{'yes' if r.get('meets') else 'no'} |")
@@ -212,6 +243,7 @@ def write_best(out: Path, rec: dict, record: dict, model_dir):
             "source_model": str(src.resolve()), "num_layers": rec["layers"], "artifacts": []}
         manifest.update(backend=rec["backend"], sweep={
             "layers": rec["layers"], "backend": rec["backend"], "dev": rec["metrics"], "drop": rec["drop"],
+            "loyalty": rec.get("loyalty"),
             "latency_s": rec["latency_s"], "mode": record["mode"], "decision": record["decision"],
             "load": f"TextClassifier.load(<this folder>, backend=\"{rec['backend']}\")"})
         write_json(tmp / "manifest.json", manifest)
