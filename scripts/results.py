@@ -71,7 +71,8 @@ PREDECESSOR_LR, SUCCESSOR_LR = "5e-5", "1e-4"
 METHODS = ("theseus", "constant", "truncation")  # docs/results.md's grid (the default --methods)
 ALL_METHODS = ("truncation", "constant", "kd", "theseus", "theseus-kd")
 # Soft targets for kd and theseus-kd (--distill-alpha / --distill-temperature): an even mix and
-# T = 2 (DistilBERT's temperature); no ablation has chosen them yet (issue 22 item 4).
+# T = 2 (DistilBERT's temperature); not chosen by an ablation yet (the kd-* variants below are that
+# ablation: `results.py ablation --variants unfreeze-short,kd-a0.5-t2,kd-a0.9-t2,kd-a0.5-t4`).
 KD = {"alpha": "0.5", "temperature": "2"}
 # Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
 BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
@@ -88,6 +89,14 @@ VARIANTS = {
     "short-replacement": lambda S: ["--no-unfreeze-head", "--steps-to-full", max(1, S // 4)],
     "long-replacement": lambda S: ["--no-unfreeze-head", "--steps-to-full", max(1, 3 * S // 4)],
     "unfreeze-short": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4)],
+    # the distillation option on top of the default recipe (which soft targets, if any, compress
+    # should default to): each names A and T, and the no-KD control is unfreeze-short itself
+    "kd-a0.5-t2": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4),
+                             "--distill-alpha", "0.5", "--distill-temperature", "2"],
+    "kd-a0.9-t2": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4),
+                             "--distill-alpha", "0.9", "--distill-temperature", "2"],
+    "kd-a0.5-t4": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4),
+                             "--distill-alpha", "0.5", "--distill-temperature", "4"],
 }
 DEFAULT_VARIANT = "unfreeze-short"
 

@@ -140,6 +140,10 @@ def test_every_variant_states_both_knobs(results):
         assert ("--unfreeze-head" in flags) != ("--no-unfreeze-head" in flags), v
         assert "--steps-to-full" in flags, v
     assert results.variant_flags_doc("long-replacement") == "--no-unfreeze-head --steps-to-full 3S/4"
+    kd = [v for v in results.VARIANTS if "--distill-alpha" in map(str, results.VARIANTS[v](400))]
+    assert kd and all("--distill-temperature" in map(str, results.VARIANTS[v](400)) for v in kd)
+    assert results.variant_flags_doc("kd-a0.9-t2") == \
+        "--unfreeze-head --steps-to-full S/4 --distill-alpha 0.9 --distill-temperature 2"
 
 
 def test_precision_reaches_every_run_and_the_grid_reuses_the_ablation(results, tmp_path, monkeypatch):
