@@ -32,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -260,8 +261,11 @@ def summarize(root, meta, timings):
     summary = {**meta, "seconds": {**(json.loads(old.read_text()).get("seconds", {}) if old.is_file() else {}),
                                    **timings}}
     summary["predecessor"] = json.loads((pred / "metrics.json").read_text())["dev"]
+    # written again after every finished run, so a grid that takes CPU-days reports what it has:
+    # the methods without a result yet are listed, and the report says so
+    summary["unfinished"] = [k for k in meta["commands"] if k != "predecessor" and not (out / k / "metrics.json").is_file()]
     for name in meta["commands"]:
-        if name == "predecessor":
+        if name == "predecessor" or name in summary["unfinished"]:
             continue
         m = json.loads((out / name / "metrics.json").read_text())
         summary[name] = m["dev"]
@@ -308,19 +312,32 @@ def run_tasks(pairs, model, root, successor_layers, data_dir, predecessor_seed=N
                 for _, args, log in jobs:
                     sh(args, log)
         return []
-    _parallel([(job, timings[(m["task"], m["seed"])]) for _, jobs, m in plans for job in jobs], n_jobs)
+    lock = threading.Lock()
+
+    def finished(meta):  # the task's summary.json after each finished run, not only at the end
+        with lock:
+            summarize(root, meta, timings[(meta["task"], meta["seed"])])
+
+    _parallel([(job, timings[(m["task"], m["seed"])], lambda m=m: finished(m)) for _, jobs, m in plans for job in jobs],
+              n_jobs)
     return [summarize(root, meta, timings[(meta["task"], meta["seed"])]) for _, _, meta in plans]
 
 
 def _parallel(items, n_jobs):
+    """Run (job, timings[, after]) items, `n_jobs` at a time; `after()` once a job has finished."""
+    def one(item):
+        timed(item[0], item[1])
+        if len(item) > 2:
+            item[2]()
+
     if n_jobs <= 1:
-        for job, t in items:
-            timed(job, t)
+        for item in items:
+            one(item)
         return
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(n_jobs) as pool:
-        for f in [pool.submit(timed, job, t) for job, t in items]:
+        for f in [pool.submit(one, item) for item in items]:
             f.result()
 
 
@@ -481,9 +498,12 @@ NOTES = "<!-- notes: written by hand below this line, kept by `results.py report
 
 
 def report(root: Path, doc: Path):
-    rows = {}
+    rows, partial = {}, []
     for f in sorted(root.glob("*/seed*/summary.json")):
         s = json.loads(f.read_text())
+        if any(k in METHODS for k in s.get("unfinished", ())):  # this table needs all three methods of a run
+            partial.append(f"{s['task']} seed {s['seed']} ({', '.join(s['unfinished'])} not finished)")
+            continue
         rows.setdefault(s["task"], []).append(s)
     first = next(iter(rows.values()))[0] if rows else {}
     n_pred, n_succ = first.get("predecessor_layers") or "?", first.get("successor_layers", "?")
@@ -527,6 +547,8 @@ def report(root: Path, doc: Path):
         lines += ["", f"Retention of the macro average: {macro_ret:.1f}%; mean of the "
                       f"per-task retentions: {statistics.mean(ret):.2f}% (lowest {min(ret):.1f}%)."]
         lines += targets_lines(macro_ret, min(ret), wins, wins_c, len(rows))
+    if partial:
+        lines += ["", f"Still running, not in the table: {'; '.join(partial)}."]
     missing = [t for t in BUDGET if t not in rows]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (`python scripts/results.py run --tasks {','.join(missing)}`)."]
@@ -719,6 +741,11 @@ def report_kd(root: Path, doc: Path, which: str = "12to6"):
         lines += ["", f"## Targets ({n_pred} -> {n_succ}, best Theseus recipe: {LABELS.get(best, '-')})", "",
                   "| target | measured | met | by |", "|---|---|---|---|"]
         lines += [f"| {n} | {v} | {'yes' if ok else '**no**'} | {by} |" for n, v, ok, by in targets]
+    unfinished = {f"{task} seed {r['seed']}": r["unfinished"] for task, runs in sorted(rows.items())
+                  for r in runs if r.get("unfinished")}
+    if unfinished:
+        lines += ["", "**Partial grid**: runs not finished yet (their cells are `-`, and the targets above count only "
+                      "what finished): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in unfinished.items()) + "."]
     planned = MPNET["tasks"] if which == "12to6" else tuple(BUDGET)
     missing = [k for k in planned if k not in rows]
     if missing:

@@ -304,6 +304,39 @@ def test_a_killed_run_continues_with_resume(results, tmp_path, monkeypatch):
     assert set(s["machine"]) == {"predecessor", *results.ALL_METHODS} and "cpu" in s["machine"]["kd"]
 
 
+def test_summary_after_every_finished_run_and_a_partial_report(results, tmp_path, monkeypatch):
+    """A grid of CPU-days reports what it has: summary.json is rewritten after each finished run, the
+    runs still to come listed as unfinished; the report shows their cells as '-' and names them."""
+    calls, seen = [], []
+    scores = {"predecessor": 0.80, "theseus": 0.78, "constant": 0.77, "truncation": 0.75, "kd": 0.76, "theseus-kd": 0.79}
+    sh = fake_sh(calls, scores)
+    root = tmp_path / "runs"
+    summary = root / "rte" / "seed42" / "summary.json"
+
+    def sh_killed_at_kd(args, log):
+        if Path(args[args.index("--output") + 1]).name == "kd":
+            seen.append(json.loads(summary.read_text()))
+            raise KeyboardInterrupt  # the session ends while kd trains
+        sh(args, log)
+
+    monkeypatch.setattr(results, "sh", sh_killed_at_kd)
+    with pytest.raises(KeyboardInterrupt):
+        results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=results.ALL_METHODS)
+    s = json.loads(summary.read_text())
+    assert s == seen[0] and s["unfinished"] == ["kd", "theseus-kd"]
+    assert {k for k in results.ALL_METHODS if k in s} == {"theseus", "constant", "truncation"}
+    doc = tmp_path / "r.md"
+    results.report_kd(root, doc, "6to3")
+    text = doc.read_text()
+    assert "| rte | 1 | 80.4 | 75.4 (93.8%) | 77.4 (96.3%) | 78.4 (97.5%) **best** |" in text  # kd columns not yet
+    assert "**Partial grid**: runs not finished yet" in text and "rte seed 42: kd, theseus-kd." in text
+    # the next invocation finishes them: the summary is complete
+    monkeypatch.setattr(results, "sh", sh)
+    results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=results.ALL_METHODS)
+    s = json.loads(summary.read_text())
+    assert s["unfinished"] == [] and s["kd"]["score"] == pytest.approx(0.7642)
+
+
 def write_kd_summary(root, task, seed, scores, loyalty=None):
     d = root / task / f"seed{seed}"
     d.mkdir(parents=True)
