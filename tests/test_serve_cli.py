@@ -185,6 +185,18 @@ def test_loadtest_needs_no_serving_dependency(fake_triton, tmp_path, synthetic_g
     assert res["runs"][0]["ok"] == 3 and res["runs"][0]["errors"] == 0
 
 
+def test_loadtest_output_holds_its_run_config(fake_triton, tmp_path, synthetic_glue):
+    fake_triton.stats = json.dumps(GOOD_STATS).encode()
+    url = f"http://127.0.0.1:{fake_triton.server_address[1]}"
+    r = run_cli(["loadtest", url, "--name", "fake", "--output", tmp_path / "out", "--data-dir", synthetic_glue,
+                 "--concurrency", "1,2", "--requests", "3", "--seconds", "2", "--warmup", "0", "--timeout", "5"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((tmp_path / "out" / "run_config.json").read_text())
+    assert cfg["command"] == "loadtest" and cfg["urls"] == [url] and cfg["names"] == ["fake"]
+    assert (cfg["concurrency"], cfg["requests"], cfg["seconds"], cfg["warmup"], cfg["timeout"]) == ("1,2", 3, 2.0, 0, 5.0)
+    assert cfg["data_dir"] == str(synthetic_glue) and cfg["output"] == str(tmp_path / "out") and cfg["task"] == "sst2"
+
+
 # ------------------------------------------------------------------ the gateway's check, binary tensor data
 def binary_request(texts: list[bytes], size_delta=0, outputs=True, extra_input=None):
     """What tritonclient.http sends for InferInput.set_data_from_numpy(..., binary_data=True)."""

@@ -335,6 +335,17 @@ def finished(setup, tmp_path_factory):
     return out
 
 
+def test_dir_holds_the_run_config_of_the_last_decision(setup, finished):
+    """run_config.json beside sweep.json: the resolved configuration of the run that decided last."""
+    pred, _ = setup
+    cfg = json.loads((finished / "run_config.json").read_text())
+    assert cfg["command"] == "sweep" and cfg["model"] == str(pred) and cfg["output"] == str(finished)
+    assert (cfg["depths"], cfg["backends"], cfg["latency_shape"], cfg["latency_budget"]) == ("4,2", "torch,onnx", "1x16", "10s")
+    assert (cfg["max_steps"], cfg["batch_size"], cfg["max_seq_length"], cfg["threads"]) == (6, 16, 16, 1)
+    assert cfg["epochs"] == 1.0 and cfg["int8"]["reduce_range"] is None  # the sweep's defaults, export's group
+    assert cfg == {**json.loads((finished / "sweep.json").read_text())["config"], "command": "sweep"}
+
+
 def test_overwrite_never_deletes_the_model_inside_dir(setup, finished, tmp_path):
     """--model DIR/best with --overwrite: refused, DIR untouched (it would have been wiped)."""
     out = tmp_path / "s"

@@ -9,6 +9,7 @@ records the sha256 of every artifact timed.
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -255,6 +256,7 @@ def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -
                 f.write("\nNo plots: matplotlib is not installed (python -m theseus_deploy.bench.report "
                         "results.json DIR draws them elsewhere).\n")
         write_json(tmp / "config.json", config)
+        write_json(tmp / "run_config.json", {**C.to_dict(dataclasses.replace(cfg, threads=config["threads"])), "command": "bench"})
     if cfg.update_baseline is not None:
         write_json(cfg.update_baseline, G.baseline_from(results))
     return results

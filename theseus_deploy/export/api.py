@@ -8,16 +8,18 @@ a format.
 """
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shutil
 import time
 from pathlib import Path
 
+from theseus_deploy import config as C
 from theseus_deploy.artifact import write_manifest
 from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
                                load_config, load_tokenizer, max_positions)
-from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output
+from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output, write_json
 from theseus_deploy.io import sha256_file as _sha256
 from theseus_deploy.loyalty import loyalty
 from theseus_deploy.metrics import compute_metrics
@@ -172,5 +174,8 @@ def export_model(cfg) -> dict:
         else:
             config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+        # The resolved configuration beside the artifacts (not an artifact: the manifest does not list it).
+        resolved = dataclasses.replace(cfg, formats=tuple(formats), profile=dataclasses.replace(profile_cfg, max_seq_length=max_seq))
+        write_json(tmp / "run_config.json", {**C.to_dict(resolved), "command": "export"})
         manifest = write_manifest(tmp, manifest)
     return manifest

@@ -10,6 +10,7 @@
       text_classifier_onnx_fp16/    onnxruntime_onnx fp16 with the TensorRT accelerator (GPU instances)
       text_classifier_trt/          tensorrt_plan (GPU instances)
       manifest.json, README.md      what was packaged (the export manifest inside) and a model card
+      run_config.json               the resolved `export` configuration
 
 The tokenizer pads to one fixed length because Triton's dynamic batcher merges only requests of
 equal shape. Input and output names are those of `theseus-deploy serve` (text -> label, score),
@@ -26,6 +27,7 @@ import json
 import shutil
 from pathlib import Path
 
+from theseus_deploy import config as C
 from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.errors import UsageError
 
@@ -139,6 +141,8 @@ def export_repository(cfg) -> dict:
     require("export --format triton", "tritonclient.grpc.model_config_pb2")  # before any work
 
     with atomic_output_dir(output, overwrite, protected=protected) as tmp:
+        # At the repository root, beside manifest.json: Triton loads models from the sub-folders only.
+        write_json(tmp / "run_config.json", {**C.to_dict(cfg), "command": "export"})
         if is_export_folder(src):
             export_dir = src
         else:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from theseus_deploy import config as C
 from theseus_deploy.errors import UsageError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -172,6 +173,7 @@ def run_loadtest(cfg) -> dict:
                "summary": summarize(runs, names, levels), "wall_seconds": time.time() - t_start}
     with atomic_output_dir(cfg.output, cfg.overwrite, protected=[cfg.data_dir]) as tmp:
         write_json(tmp / "results.json", results)
+        write_json(tmp / "run_config.json", {**C.to_dict(cfg), "command": "loadtest"})
         (tmp / "report.md").write_text(markdown(results))
         plot(results, tmp / "latency_vs_throughput.png")
     results["output"] = cfg.output

@@ -8,7 +8,7 @@ DIR layout (every stage writes atomically, so a killed sweep leaves only finishe
     L4/export-onnx-int8/     export folder (manifest.json, artifact, config, tokenizer)
     L4/onnx-int8.json        that artifact's dev score and logits, or why it was rejected
     latency-1x128.json       timing of all points, reused while the points and settings are the same
-    sweep.json sweep.csv report.md pareto.png best/
+    sweep.json run_config.json sweep.csv report.md pareto.png best/
 
 A stage whose output exists is reused; `--overwrite` starts over. Settings that change a trained
 model or an export (compress flags, export flags, data) must match `sweep-config.json`, otherwise
@@ -53,7 +53,7 @@ STATE = "sweep-config.json"
 # (`artifact=True`: opset, atol, INT8 weights, the evaluation batch), not budget, timing, backends.
 DECIDING = tuple(name for name, f, _, _ in C.flat_fields(C.SweepConfig)
                  if f.metadata.get("resume") or f.metadata.get("artifact"))
-OUTPUTS = ("sweep.json", "sweep.csv", "report.md", "pareto.png", "best")
+OUTPUTS = ("sweep.json", "run_config.json", "sweep.csv", "report.md", "pareto.png", "best")
 EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
 
 

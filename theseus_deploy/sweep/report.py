@@ -6,7 +6,6 @@ timed, so re-deciding with another budget or percentile takes seconds.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from theseus_deploy import config as C
 from theseus_deploy.io import atomic_output_dir, atomic_write_text, write_json
 from theseus_deploy.loyalty import loyalty
 
@@ -61,7 +61,7 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
                     rec[k] = t[k]
             rec["candidate"] = "rejected" not in rec
             points.append(rec)
-    cfg_dict = dataclasses.asdict(cfg)
+    cfg_dict = C.to_dict(cfg)
     return {"config": cfg_dict, "mode": mode, "environment": latency["environment"],
             "requests_per_round": timed[f"L{pred_layers}|torch"].get("num_requests_per_round"),
             "predecessor": {"model": cfg.model, "layers": pred_layers, "score": ref_score,
@@ -263,6 +263,7 @@ def write_outputs(out: Path, record: dict, pts, decision, cfg, info, model_dir):
     else:
         record["decision"].update(choice=None, message="every point was rejected by the export checks")
     write_json(out / "sweep.json", record)
+    write_json(out / "run_config.json", {**C.to_dict(cfg), "command": "sweep"})
     write_csv(record["points"], out / "sweep.csv")
     atomic_write_text(out / "report.md", markdown(record))
     if cands:
