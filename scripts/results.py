@@ -61,7 +61,7 @@ FULL = {  # task: (max_seq_length, predecessor epochs, 3-layer epochs or None fo
 # --profile mpnet: MPNet-base (12 layers, hidden 768) -> 6 (docs/results-12to6.md). Predecessors:
 # 3 epochs at 2e-5 (the BERT paper's fine-tuning recipe for base-size encoders); the 6-layer runs:
 # compress's default budget for the task (the same rule as --profile full), every method the same
-# steps and lr. Costs cut at no accuracy cost (issue 22): batches grouped by length (each pads to
+# steps and lr. Costs cut at no accuracy cost: batches grouped by length (each pads to
 # its own longest, never to max_seq_length), max_seq_length = the 99th percentile of the task's
 # tokenized training lengths (rounded up to 8, at most 256: RTE's p99 is 202 tokens: a cap of 128
 # would truncate 13% of its training pairs, 208 truncates 0.7%); checkpoints every SAVE_STEPS so a
@@ -476,7 +476,7 @@ def ablation_lines(root: Path) -> list[str]:
     return lines
 
 
-# The targets docs/results.md is held to (the issue that asked for the full-budget results).
+# The targets docs/results.md (the full-budget results) is held to.
 TARGETS = {"macro_retention": 97.5, "lowest_task_retention": 93.0, "wins": 4, "of": 5}
 
 
@@ -572,7 +572,7 @@ def report(root: Path, doc: Path):
 
 
 # ---------------------------------------------------------------------------- KD + loyalty report
-# issue 22's targets, each reported as met / not met and by how much, computed from the table
+# The KD + loyalty report's targets, each reported as met / not met and by how much, computed from the table
 TARGETS_KD = {
     "12to6": {"macro_retention": 98.4, "must_tasks": ("mrpc", "rte"), "lowest_task_retention": 96.0,
               "every": ("truncation", "kd"), "most": ("constant",), "label_loyalty": True},

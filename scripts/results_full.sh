@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# docs/results.md at full budget (issue: whole-epoch predecessors, compress's default budget):
+# docs/results.md at full budget (whole-epoch predecessors, compress's default budget):
 # every task's predecessor, the ablation on SST-2 and MRPC, then the grid with the ablation's
 # chosen variant. Several runs at a time: meant for a CUDA GPU (16 jobs fit an H100/H200 with
 # MiniLM); on 2 CPU cores JOBS=2 PRECISION=bf16 and expect most of a day.
@@ -11,7 +11,7 @@ PY=${PY:-.venv/bin/python}; [ -x "$PY" ] || PY=python3
 MODEL=${MODEL:-$HOME/.cache/theseus-models/all-MiniLM-L6-v2}
 ROOT=${ROOT:-runs/results-full}; DOC=${DOC:-docs/results.md}; JOBS=${JOBS:-1}
 # PRECISION=bf16: every run trains with bf16 autocast (about 2x faster on CPUs with AVX512-BF16).
-# ABLATION_TASKS / ABLATION_SEEDS: where the ablation runs (issue: SST-2 and one small task).
+# ABLATION_TASKS / ABLATION_SEEDS: where the ablation runs (default: SST-2 and MRPC, seeds 42 and 43).
 # An empty ABLATION_TASKS skips the ablation (the grid then runs compress's defaults).
 # TASKS: the grid's tasks; SEED_TASKS: those of them that also get seeds 43 and 44 (empty: none).
 # LAYERS: successor depth. MPNet 12 -> 6 on SST-2 and MRPC, seed 42, no ablation (sized for one GPU):

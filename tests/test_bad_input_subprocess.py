@@ -1,15 +1,16 @@
 """The bad-input guarantee for real processes (`python -m theseus_deploy ...`), not click's CliRunner:
 what libraries print to the real stderr (transformers' load report, warnings, tqdm bars) counts.
 
-Every case of tests/test_bad_input.py plus one per class of issue 20, each in its own process,
-in parallel: exit 2; the last stderr line starts with `error:` and names the problem; besides
+Every case of tests/test_bad_input.py plus one per class of failure found by running them as real
+processes (tracebacks, transformers' load report, a progress bar glued to the error line, a refused run
+that still wrote or left files), each in its own process, in parallel: exit 2; the last stderr line starts with `error:` and names the problem; besides
 progress bars (and, for failures during work, the run's own `[command]` log lines) that is the only
 line; no traceback; the tree unchanged (every file's bytes and mtime, every folder and link, before
 and after: nothing added, removed or modified).
 
 Cost: each process imports torch and transformers (the flags of finetune/compress/evaluate are
 checked before that import, so those cases take ~1 s). Measured on this project's shared 2-core
-machine under load: 43 + 24 cases, 4-6 at a time, 7-10 minutes; not the ~90 s the issue hoped for.
+machine under load: 43 + 24 cases, 4-6 at a time, 7-10 minutes; not the ~90 s first planned.
 """
 import concurrent.futures
 import hashlib

@@ -1,5 +1,5 @@
 """Several REAL processes on CPU (gloo): torchrun, accelerate launch and an mpirun-style launch
-(Open MPI's variables, no RANK), on tiny models and toy CSV data (issue 21, docs/distributed.md).
+(Open MPI's variables, no RANK), on tiny models and toy CSV data (docs/distributed.md).
 
 Each launch costs a few seconds of imports per process, so the launches are shared: one finetune
 (dropout off: 2 processes x batch 4 against 1 process x batch 8), one uninterrupted compress, one

@@ -247,7 +247,7 @@ def test_finetune_regression_head_from_a_bare_encoder(tmp_path):
     assert {"pearson", "spearman"} <= set(json.loads((tmp_path / "o" / "metrics.json").read_text())["dev"])
 
 
-# ====================================================================== issue 11: training correctness
+# ====================================================================== training correctness
 @pytest.fixture(scope="module")
 def predecessor_top(tmp_path_factory, toy):
     """A predecessor whose embeddings and bottom 2 layers stayed random (--freeze-layers 2): the
@@ -463,7 +463,7 @@ def test_nan_loss_stops_with_one_line_and_writes_no_nan(predecessor, toy, tmp_pa
     assert all(not isinstance(v, float) or v == v for h in r.history for v in h.values())
 
 
-# ====================================================================== issue 10: checkpoints
+# ====================================================================== checkpoints
 def _partial_run(predecessor, toy, out, step=2):
     part = CompressRecipe(_cfg(predecessor, toy, out))
     part.cfg.stop_after_steps = step

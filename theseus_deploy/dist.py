@@ -1,7 +1,7 @@
 """Several processes (`accelerate launch`, `torchrun`, mpirun, SLURM + a launcher): the few
 decisions train.py cannot leave to `accelerate` alone (docs/distributed.md).
 
-What went wrong when everything was left to `accelerate.prepare` (issue 21, gloo, 2 processes):
+What went wrong when everything was left to `accelerate.prepare` (measured with gloo, 2 CPU processes):
 - the dev loader was sharded with accelerate's even-batches padding: a dev set that is not a
   multiple of the eval batch crashed gloo at the first evaluation (ranks gathered tensors of
   different sizes: 44 rows, eval batch 8, "Received data size doesn't match"), and a 192-row dev
