@@ -269,6 +269,7 @@ def test_bench_of_an_export_folder_times_its_own_artifact(pair, tmp_path, monkey
     manifest's), never re-exports, and the report says nothing of random weights."""
     import hashlib
 
+    import theseus_deploy.bench.api as bench_api
     import theseus_deploy.export.api as export_api
     from theseus_deploy.config import ExportConfig
 
@@ -285,7 +286,7 @@ def test_bench_of_an_export_folder_times_its_own_artifact(pair, tmp_path, monkey
     def no_export(*a, **k):
         raise AssertionError("bench re-exported an export folder")
 
-    monkeypatch.setattr(export_api, "export_model", no_export)
+    monkeypatch.setattr(bench_api, "export_model", no_export)  # the name bench calls
     r = CliRunner().invoke(cli, ["bench", "--model", str(exp), "--batch-sizes", "1", "--seq-lens", "16",
                                  "--iterations", "2", "--rounds", "1", "--min-seconds", "0", "--output", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output

@@ -22,9 +22,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
 from . import io
+from .errors import UsageError
 from .io import safe_member, sha256_file
+from .registry import BACKENDS
 
 MANIFEST = "manifest.json"
 VERSION = 1
@@ -98,8 +99,6 @@ class ExportFolder:
     @property
     def backends(self) -> list[str]:
         """The backends that run this folder's artifacts (from the registry), in manifest order."""
-        from .registry import BACKENDS
-
         have = {a.format for a in self.artifacts if a.file}
         return [b.name for b in BACKENDS.values() if b.format in have]
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .registry import BACKENDS, output_names
 
 
 def opt(default, help: str, choices=None, flag: str | None = None, multiple: bool = False, *,
@@ -46,8 +48,6 @@ def group(cls, prefix: str = ""):
 def flat_fields(cls, prefix: str = ""):
     """(flat name, field, type, path) for every option of `cls`, groups flattened with their prefixes:
     what the CLI makes flags of (`int8_reduce_range`, path ("int8", "reduce_range"))."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -263,14 +263,10 @@ class EvaluateConfig(DataConfig):
 
 
 def _formats():
-    from .registry import output_names
-
     return output_names()
 
 
 def _backends():
-    from .registry import BACKENDS
-
     return list(BACKENDS)
 
 
@@ -486,8 +482,6 @@ DEFAULT_LR = {"finetune": 2e-5, "compress": 1e-4}
 def _compose(cls, skip=(), only=None, defaults=None) -> list[tuple]:
     """(name, type, field) for `make_dataclass`: another command's options reused as they are
     (help, bounds, choices), so `sweep --max-steps` means what `compress --max-steps` means."""
-    import typing
-
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):

@@ -24,6 +24,9 @@ import contextlib
 import functools
 import os
 import random
+import sys
+
+import numpy as np
 
 from .errors import UsageError
 from .io import RANK_VARS, _rank, argument_getter, output_lock
@@ -50,8 +53,6 @@ def _env_int(names, default: int) -> int:
 
 
 def _initialized() -> bool:
-    import sys
-
     if "torch" not in sys.modules:  # a command that never imported torch is not distributed
         return False
     import torch.distributed as td
@@ -148,7 +149,6 @@ def deal(batches: list, world: int, rank_: int, padded: bool) -> list:
 def rng_state() -> dict:
     """This process's global RNG states (torch CPU, CUDA, numpy, python), as tensors and plain types
     so that a checkpoint holding them loads with torch.load(weights_only=True)."""
-    import numpy as np
     import torch
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -160,7 +160,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
-    import numpy as np
     import torch
 
     torch.set_rng_state(s["torch"])

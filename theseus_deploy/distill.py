@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data import label_mapping
 from .errors import UsageError
+from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
@@ -85,9 +87,6 @@ def theseus_teacher(theseus, autocast):
 def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: int):
     """A frozen classifier for `finetune --distill-alpha`, checked against the task and the
     student's tokenizer: (model, column order that puts its logits in the student's label order)."""
-    from .data import label_mapping
-    from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer
-
     config = load_config(name)
     if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise UsageError(f"teacher '{name}' is not a fine-tuned classifier (architectures: "

@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
+import hashlib
+import inspect
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -167,8 +172,6 @@ RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 def _rank() -> int:
     """The global rank: the process group's once it exists, else the first launcher variable set."""
-    import sys
-
     if "torch" in sys.modules:  # a command that never imported torch has no process group
         import torch.distributed as td
 
@@ -190,8 +193,6 @@ def output_lock(output: str | os.PathLike, what: str = "--output"):
     process holds it. Re-entrant within a process; under a multi-process launch only global rank 0
     takes it (the ranks of one run share the output). Parent folders it had to create for the lock
     file are removed again if they are still empty at the end (a failed run creates nothing)."""
-    import fcntl
-
     out = check_path(output, what)  # before anything is created for the lock
     created = []
     d = out.parent
@@ -273,8 +274,6 @@ def _apply_umask(root: Path) -> None:
 def argument_getter(fn, arg: str):
     """A function of (args, kwargs) giving the value of `fn`'s argument `arg` in a call: "output",
     or "cfg.output" for an attribute of an argument (None when absent)."""
-    import inspect
-
     sig, (name, _, attr) = inspect.signature(fn), arg.partition(".")
 
     def get(args, kwargs):
@@ -287,8 +286,6 @@ def argument_getter(fn, arg: str):
 def locks_output(arg: str = "output", what: str = "--output"):
     """Decorator: the function runs under `output_lock` of its argument `arg` ("output", or "cfg.output"
     for an attribute of an argument); no lock when that value is None."""
-    import functools
-
     def decorate(fn):
         get = argument_getter(fn, arg)
 
@@ -384,8 +381,6 @@ def safe_member(folder: str | os.PathLike, name: str, what: str = "file") -> Pat
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

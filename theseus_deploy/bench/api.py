@@ -15,12 +15,26 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from theseus_deploy import config as C
 from theseus_deploy.artifact import ExportFolder, is_export_folder
+from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
-from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output, sha256_file, write_json
+from theseus_deploy.export.api import export_model
+from theseus_deploy.hf import (build_random_classifier, check_model_source, check_tokenizer_fits, load_config,
+                               load_tokenizer, max_positions)
+from theseus_deploy.io import (atomic_output_dir, check_output_dir, check_output_file, locks_output, sha256_file,
+                               write_json)
 from theseus_deploy.registry import BACKENDS, export_format
-from theseus_deploy.runtime import precheck
+from theseus_deploy.runtime import load_runner, precheck
+
+from . import gate as G
+from .env import environment
+from .gate import load_baseline
+from .report import markdown, plots, write_csv
+from .sweep import Entry, run_sweep, speedups
+from .traffic import run_traffic
 
 
 def parse_ints(text: str, flag: str) -> list[int]:
@@ -40,9 +54,6 @@ def _has_weights(path: Path) -> bool:
 def resolve_models(models, layers, workdir: Path) -> list[dict]:
     """Each --model as a folder with weights, or an export folder timed as it is; config-only
     folders (or --layers) get random weights."""
-    from theseus_deploy.hf import (build_random_classifier, check_model_source, check_tokenizer_fits, load_config,
-                                   load_tokenizer)
-
     if len(models) < 1:
         raise UsageError("give at least one --model (the first is the predecessor)")
     if layers and len(layers) not in (1, len(models)):
@@ -114,15 +125,11 @@ def run_bench(cfg, show_progress: bool = True) -> dict:
     bs, ss = parse_ints(cfg.batch_sizes, "--batch-sizes"), parse_ints(cfg.seq_lens, "--seq-lens")
     check_backends(asked or ["torch"], cfg.device)
     if cfg.check is not None:  # the baseline is read (and refused) now, not after the bench ran
-        from .gate import load_baseline
-
         load_baseline(cfg.check)
     task, train_file = cfg.task, cfg.train_file
     inputs = [*cfg.models, cfg.check, cfg.data_dir, train_file, cfg.validation_file]
     check_output_dir(cfg.output, cfg.overwrite, protected=inputs)
     if cfg.update_baseline is not None:  # the same rules as --output (inputs, --overwrite, atomic, lock), checked now
-        from theseus_deploy.io import check_output_file
-
         check_output_file(cfg.update_baseline, cfg.overwrite, protected=[*inputs, cfg.output], what="--update-baseline")
     work = Path(tempfile.mkdtemp(prefix="theseus-bench-"))
     try:
@@ -143,8 +150,6 @@ def run_bench(cfg, show_progress: bool = True) -> dict:
                                  calibration_text_columns=cfg.text_columns)
         data = None
         if task:
-            from theseus_deploy.data import load_task
-
             if task == "custom" and not train_file:
                 train_file = cfg.validation_file  # only the texts are timed: the labels need no training file
             data = load_task(task, cfg.data_dir, "dev", cfg.max_eval_samples, train_file, cfg.validation_file,
@@ -156,17 +161,6 @@ def run_bench(cfg, show_progress: bool = True) -> dict:
 
 def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -> dict:
     import torch
-    from tqdm.auto import tqdm
-
-    from theseus_deploy.export.api import export_model
-    from theseus_deploy.hf import load_tokenizer, max_positions
-    from theseus_deploy.runtime import load_runner
-
-    from . import gate as G
-    from .env import environment
-    from .report import markdown, plots, write_csv
-    from .sweep import Entry, run_sweep, speedups
-    from .traffic import run_traffic
 
     threads, device, traffic_cfg = cfg.threads, cfg.device, cfg.traffic
     if threads:

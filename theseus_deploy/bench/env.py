@@ -1,13 +1,15 @@
 """What the numbers were measured on."""
 from __future__ import annotations
 
+import importlib.metadata as md
 import os
 import platform
+import subprocess
+
+from theseus_deploy.cpu import cpu_flags, cpu_model
 
 
 def environment(threads: int | None = None) -> dict:
-    import importlib.metadata as md
-
     env = {"platform": platform.platform(), "python": platform.python_version(), "cpu": _cpu_model(),
            "logical_cores": os.cpu_count(), "threads": threads,
            "env_threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(k)}}
@@ -19,8 +21,6 @@ def environment(threads: int | None = None) -> dict:
             env["gpu"] = torch.cuda.get_device_name(0)
             env["cuda"] = torch.version.cuda
             try:
-                import subprocess
-
                 env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                                capture_output=True, text=True, timeout=10).stdout.strip()
             except (OSError, subprocess.SubprocessError):
@@ -40,12 +40,8 @@ def environment(threads: int | None = None) -> dict:
 
 
 def _cpu_model() -> str:
-    from theseus_deploy.cpu import cpu_model
-
     return cpu_model()
 
 
 def _cpu_flags() -> set:
-    from theseus_deploy.cpu import cpu_flags
-
     return cpu_flags()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import sys
 from pathlib import Path
 
 
@@ -294,9 +296,6 @@ def plots(results: dict, folder: Path) -> list[str]:
 
 def main(argv=None) -> int:
     """python -m theseus_deploy.bench.report RESULTS.json OUT_DIR: report.md and plots again."""
-    import json
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m theseus_deploy.bench.report RESULTS.json OUT_DIR", file=sys.stderr)

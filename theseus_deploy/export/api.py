@@ -9,6 +9,7 @@ a format.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
 import platform
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from theseus_deploy import config as C
 from theseus_deploy.artifact import write_manifest
+from theseus_deploy.data import label_mapping, load_task
 from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
                                load_config, load_tokenizer, max_positions)
@@ -27,6 +29,7 @@ from theseus_deploy.registry import FORMATS
 from theseus_deploy.runtime import TorchRunner, precheck
 
 from .formats import BuildContext, check_calibration_flags
+from .onnx import export_onnx
 from .trt import Profile
 from .validate import check_loyalty, check_task_drop, shapes_for, task_logits
 from .validate import validate as check
@@ -46,8 +49,6 @@ def max_opset() -> int:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "theseus-deploy"):
         try:
@@ -73,8 +74,6 @@ def _runner(fmt, path: Path | None, model_dir: str, cfg, vocab_size: int):
 @locks_output("cfg.output")
 def export_model(cfg) -> dict:
     """Export `cfg.model` to every format of `cfg.formats` (an ExportConfig) in `cfg.output`; returns the manifest."""
-    from .onnx import export_onnx
-
     model_dir, output, profile_cfg = cfg.model, cfg.output, cfg.profile
     formats = list(dict.fromkeys(cfg.formats))
     if not formats:
@@ -114,8 +113,6 @@ def export_model(cfg) -> dict:
     ctx.tokenizer = tokenizer
     data = None
     if cfg.task:
-        from theseus_deploy.data import label_mapping, load_task
-
         data = load_task(cfg.task, cfg.data_dir, "dev", cfg.max_eval_samples)
         mapping = label_mapping(data.spec, config)
         if mapping is not None:

@@ -19,11 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from theseus_deploy.cpu import int8_dot_product, int8_reduce_range_default
 from theseus_deploy.errors import UsageError
 from theseus_deploy.registry import FORMATS
+from theseus_deploy.runtime import check_trt_available
 
+from .calibration import load_calibration
 from .onnx import check_fusion, fuse, plain_fp16
 from .ort import calibration_feeds, quantize_int8, quantize_int8_static
+from .trt import build_engine
 
 
 @dataclass
@@ -71,8 +75,6 @@ class PlainFp16(Builder):
 
 class DynamicInt8(Builder):
     def build(self, ctx):
-        from theseus_deploy.cpu import int8_dot_product, int8_reduce_range_default
-
         q = ctx.cfg.int8
         if q.reduce_range is None:  # follow the CPU the artifact is built (and validated) on
             reduce_range, why = int8_reduce_range_default()
@@ -89,8 +91,6 @@ class StaticInt8(Builder):
     calibrated = True
 
     def prepare(self, cfg, ctx):
-        from .calibration import load_calibration
-
         cal = cfg.calibration
         texts, record = load_calibration(cal.task or cfg.task, cfg.data_dir, cal.file, cal.text_columns, cal.samples)
         record.update({"seq_length": min(cal.seq_length or 128, ctx.profile.max[1]), "batch_size": 1, "method": "minmax"})
@@ -108,13 +108,9 @@ class StaticInt8(Builder):
 
 class TrtEngine(Builder):
     def prepare(self, cfg, ctx):
-        from theseus_deploy.runtime import check_trt_available
-
         check_trt_available()
 
     def build(self, ctx):
-        from .trt import build_engine
-
         return build_engine(ctx.path("onnx-fp16-trt"), ctx.path(self.fmt.name), ctx.info["input_names"], ctx.profile)
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from theseus_deploy.arch import arch
 from theseus_deploy.errors import UsageError
+from theseus_deploy.hf import check_model_source, model_input_names
 
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "SkipLayerNormalization",
              "LayerNormalization", "BiasGelu", "FastGelu", "Gelu")
@@ -37,8 +39,6 @@ def export_onnx(model_dir: str, path: Path, opset: int = 17) -> dict:
     """Write an fp32 ONNX graph of the classifier at `model_dir`; returns its description."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    from theseus_deploy.hf import check_model_source, model_input_names
 
     model = AutoModelForSequenceClassification.from_pretrained(
         check_model_source(model_dir), attn_implementation="eager", dtype=torch.float32).eval()
@@ -100,8 +100,6 @@ def plain_fp16(src: Path, dst: Path) -> dict:
 def check_fusion(ops: dict, info: dict, allow_unfused: bool = False) -> None:
     """UsageError (one line naming the onnxruntime version) when an encoder graph whose fusion we
     know did not fuse: Attention count != number of layers, or no EmbedLayerNormalization."""
-    from theseus_deploy.arch import arch
-
     a = arch(info.get("model_type"))
     want = a.fused if a else ()
     if not want or allow_unfused:
@@ -127,8 +125,6 @@ def fuse(src: Path, dst: Path, info: dict, fp16: bool = False) -> dict:
     error: the graph stays valid and the counts say what was fused.
     """
     from onnxruntime.transformers.optimizer import optimize_model
-
-    from theseus_deploy.arch import arch
 
     model_type = (arch(info["model_type"]) or arch("bert")).ort_type
     with warnings.catch_warnings():

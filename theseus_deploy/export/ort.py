@@ -1,7 +1,13 @@
 """ONNX Runtime variants of the fused graph: dynamic INT8 (CPU) and FP16 (GPU EPs, TensorRT input)."""
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
+
+import numpy as np
+
+from .onnx import count_ops
 
 
 def quantize_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: bool = False) -> dict:
@@ -18,7 +24,6 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True, reduce_range: 
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel,
                      reduce_range=reduce_range, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    from .onnx import count_ops
 
     ops = count_ops(dst)
     return {op: ops.get(op, 0) for op in ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul",
@@ -32,8 +37,6 @@ def calibration_feeds(tokenizer, texts, input_names, seq_len: int, batch_size: i
     the padded positions a fixed-shape caller feeds too (their hidden states are computed and
     only masked in attention), so their ranges are covered.
     """
-    import numpy as np
-
     feeds = []
     for i in range(0, len(texts), batch_size):
         chunk = texts[i:i + batch_size]
@@ -59,8 +62,6 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
     range of the Attention input too, so no activation is quantised dynamically; with "fp32"
     Attention stays in fp32.
     """
-    import tempfile
-
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
@@ -84,7 +85,6 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
         typed = Path(tmp) / "typed.onnx"
         onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(src)), auto_merge=True), str(typed))
         src = typed
-        import logging
 
         root, level = logging.getLogger(), logging.getLogger().level
         root.setLevel(logging.ERROR)  # the quantiser logs a pre-processing hint per call on the root logger
@@ -99,7 +99,6 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], qformat: str =
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         if attention == "static":
             _static_attention_inputs(src, dst, feeds)
-    from .onnx import count_ops
 
     ops = count_ops(dst)
     return {op: ops.get(op, 0) for op in ("QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "QAttention",
@@ -124,7 +123,6 @@ def _static_attention_inputs(fp32: Path, path: Path, feeds: list[dict]) -> int:
     """Replace each DynamicQuantizeLinear in front of a QAttention with a QuantizeLinear whose
     u8 scale and zero point come from the min/max of that tensor over the calibration `feeds`
     (run on the fp32 graph `fp32`). Returns how many were replaced."""
-    import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper

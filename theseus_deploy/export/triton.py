@@ -29,7 +29,11 @@ from pathlib import Path
 
 from theseus_deploy import config as C
 from theseus_deploy.artifact import ExportFolder, is_export_folder
+from theseus_deploy.deps import require
 from theseus_deploy.errors import UsageError
+from theseus_deploy.hf import load_config, load_tokenizer
+from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
+from theseus_deploy.registry import WRITERS
 
 from .api import export_model
 
@@ -117,10 +121,6 @@ def export_repository(cfg) -> dict:
     """The `triton` writer (theseus_deploy/registry.py): write a Triton model repository from a model
     folder (exported first: the config's other formats, default onnx-int8) or from an export folder
     (its artifacts), then validate it offline. `cfg`: the ExportConfig (`cfg.triton`: batching)."""
-    from theseus_deploy.hf import load_config, load_tokenizer
-    from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
-    from theseus_deploy.registry import WRITERS
-
     t = cfg.triton
     model, output, overwrite, max_batch_size = cfg.model, cfg.output, cfg.overwrite, cfg.profile.max_batch_size
     max_length, max_queue_delay_ms, max_queue_size = t.max_length, t.max_queue_delay_ms, t.max_queue_size
@@ -136,7 +136,6 @@ def export_repository(cfg) -> dict:
         raise UsageError(f"--triton-max-length must be at least 8, got {max_length}")
     protected = [model, cfg.data_dir, cfg.calibration.file]
     check_output_dir(output, overwrite, protected=protected)  # never the source model, even with --overwrite
-    from theseus_deploy.deps import require
 
     require("export --format triton", "tritonclient.grpc.model_config_pb2")  # before any work
 

@@ -1,13 +1,13 @@
 """ONNX Runtime: the runner, session options, CPU topology, execution providers, the TensorRT EP cache."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
-from theseus_deploy.errors import UsageError
-
 from theseus_deploy.artifact import ExportFolder, is_export_folder
+from theseus_deploy.errors import UsageError
 from theseus_deploy.registry import BACKENDS
 
 from .base import Runner, check_device
@@ -102,8 +102,6 @@ ORT_SESSION_CONFIGS = ("default", "latency")
 
 def physical_cores() -> int:
     """Physical cores this process may use (hyper-threads counted once)."""
-    import os
-
     try:
         import psutil
 

@@ -19,7 +19,11 @@ from urllib.parse import urlparse
 import numpy as np
 
 from theseus_deploy import config as C
+from theseus_deploy.bench.api import parse_ints
+from theseus_deploy.bench.env import environment
+from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
+from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -98,8 +102,6 @@ def run_level(host: str, port: int, model: str, texts: list[str], concurrency: i
 
 
 def load_texts(task: str, data_dir: str | None, max_samples: int | None) -> list[str]:
-    from theseus_deploy.data import load_task
-
     data = load_task(task, data_dir, "dev", max_samples)
     if any(t[1] is not None for t in data.texts):
         raise UsageError(f"--task {task} has sentence pairs; the served model takes one text per request")
@@ -132,10 +134,6 @@ def server_stats(host: str, port: int, model: str, name: str = "") -> dict | Non
 
 
 def run_loadtest(cfg) -> dict:
-    from theseus_deploy.bench.api import parse_ints
-    from theseus_deploy.bench.env import environment
-    from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
-
     if not cfg.urls:
         raise UsageError("give at least one server URL (e.g. http://127.0.0.1:8000)")
     targets = [check_url(u) for u in cfg.urls]

@@ -28,16 +28,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import signal
+import socket
+import sys
 import sysconfig
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import click
 import numpy as np
 
+from theseus_deploy.config import ExportConfig
+from theseus_deploy.deps import require
 from theseus_deploy.errors import UsageError
+from theseus_deploy.export.api import export_model
+from theseus_deploy.registry import BACKENDS, export_format
+from theseus_deploy.runtime import TextClassifier
+
+from .gateway import Gateway
 
 MODEL_NAME = "text_classifier"
 LOG = logging.getLogger("theseus_deploy.serve")
@@ -46,8 +59,6 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def _free_port(host: str, avoid=()) -> int:
     """A port free on `host` now (IPv6 hosts too), none of `avoid` (the ports the flags name, not bound yet)."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:
         with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -61,8 +72,6 @@ def check_ports(host: str, ports: dict[str, int]) -> None:
     """Each port distinct and free on `host`, before anything starts. Measured without this check: a
     --grpc-port in use made Triton exit at start while PyTriton waited for it (120 s), a busy
     --http-port gave the gateway's OSError traceback after Triton had started."""
-    import socket
-
     seen = {}
     for flag, port in ports.items():
         if port in seen:
@@ -88,8 +97,6 @@ def python_libdir_env() -> None:
 
 def stub_env() -> Path | None:
     """The Python environment for the Triton Python-backend stub (None: this one will do, numpy 1.x)."""
-    import sys
-
     if int(np.__version__.split(".")[0]) < 2:
         return None
     env = Path(os.environ.get("THESEUS_TRITON_STUB_ENV", Path(sys.prefix) / "triton-stub-env"))
@@ -103,8 +110,6 @@ def stub_env() -> Path | None:
 def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, max_length: int) -> str:
     """The folder a runner for `backend` loads: an export folder as is; a model folder as is for
     PyTorch backends, else exported on the fly (validated) into `workdir`."""
-    from theseus_deploy.registry import BACKENDS, export_format
-
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}': choose from {', '.join(BACKENDS)}")
     path = Path(model)
@@ -114,8 +119,6 @@ def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, 
         return str(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{model} is neither a model folder (config.json) nor an export folder (manifest.json)")
-    from theseus_deploy.config import ExportConfig
-    from theseus_deploy.export.api import export_model
 
     out = workdir / "export"
     LOG.info("exporting %s to %s on the fly", model, export_format(backend))
@@ -158,8 +161,6 @@ def classify_batch(classifier, texts: np.ndarray, micro_batch: int = 0) -> tuple
 
 def make_infer_func(classifier, micro_batch: int = 0):
     """The function Triton calls with the requests of one merged batch (a list of requests)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from pytriton.exceptions import PyTritonBadParameterError
 
     # Every forward from one thread: PyTriton calls `infer` from changing threads, and each new
@@ -212,10 +213,6 @@ class Server:
         return self
 
     def _start(self):
-        from theseus_deploy.runtime import TextClassifier
-
-        from theseus_deploy.deps import require
-
         cfg = self.cfg
         require("serve", "pytriton.triton", "pytriton.model_config", "psutil", *(["aiohttp"] if cfg.http_gateway else []))
         check_ports(cfg.host, {"--http-port": cfg.http_port, "--grpc-port": cfg.grpc_port,
@@ -275,8 +272,6 @@ class Server:
                 except psutil.Error:
                     pass
         if cfg.http_gateway:
-            from .gateway import Gateway
-
             self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
             self.gateway.start()
         self.ready_seconds = time.perf_counter() - t0
@@ -286,8 +281,6 @@ class Server:
         (measured: a --grpc-port taken by another process after check_ports, as when two `serve` on
         the same ports start at once: Triton exited in 1 s, the start hung 120 s). Readiness is
         polled here first, and the wait ends the moment the server process is gone, with its reason."""
-        import urllib.request
-
         triton, original = self.triton, self.triton._wait_for_server
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         url = f"http://{host}:{http_port}/v2/health/ready"
@@ -376,8 +369,6 @@ class Server:
 def _triton_error(logs: str) -> str:
     """The last error line of Triton's log (`E1201 09:57:20.933649 8074 main.cc:245] "failed to start GRPC
     service: ..."`) without its prefix, else its last line."""
-    import re
-
     lines = [line.strip() for line in (logs or "").splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"E\d{4} ", line)]
     line = (errors or lines or ["no log"])[-1]
@@ -395,8 +386,6 @@ def _child_pids() -> set[int]:
 
 
 def run_serve(cfg) -> None:
-    import click
-
     logging.basicConfig(level=logging.INFO if cfg.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     if not cfg.verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
