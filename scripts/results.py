@@ -145,7 +145,7 @@ def default_steps(task, data_dir, batch_size, epochs=None) -> int:
 
     from theseus_deploy.config import CompressConfig
     from theseus_deploy.data import load_task
-    from theseus_deploy.train import resolve_budget
+    from theseus_deploy.recipes.loop import resolve_budget
 
     n = len(load_task(task, data_dir, "train").labels)
     spe = math.ceil(n / batch_size)

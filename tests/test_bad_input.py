@@ -219,7 +219,7 @@ def test_output_dot_is_refused_cleanly(env, tmp_path, monkeypatch):
 def test_compress_resume_onto_a_non_empty_output_keeps_it(env, tmp_path):
     out = tmp_path / "out"
     from theseus_deploy.config import CompressConfig
-    from theseus_deploy.train import CompressRecipe
+    from theseus_deploy.recipes.compress import CompressRecipe
 
     args = dict(zip([a.lstrip("-").replace("-", "_") for a in _toy(env)[::2]], _toy(env)[1::2]))
     part = CompressRecipe(CompressConfig(model=str(env["models"]["base"]), output=str(out), max_steps=4, eval_steps=2,

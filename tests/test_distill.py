@@ -16,7 +16,8 @@ from theseus_deploy.config import CompressConfig, FinetuneConfig
 from theseus_deploy.distill import combine, soft_target_loss, student_order
 from theseus_deploy.errors import UsageError
 from theseus_deploy.loyalty import js_distance, loyalty
-from theseus_deploy.train import CompressRecipe, FinetuneRecipe
+from theseus_deploy.recipes.compress import CompressRecipe
+from theseus_deploy.recipes.finetune import FinetuneRecipe
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):

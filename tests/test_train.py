@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import make_tiny_model
 from theseus_deploy.cli import cli
 from theseus_deploy.config import CompressConfig
-from theseus_deploy.train import CompressRecipe
+from theseus_deploy.recipes.compress import CompressRecipe
 
 WORDS = "the a movie film plot actor scene story music ending time people way thing day".split()
 
@@ -262,7 +262,7 @@ def predecessor_top(tmp_path_factory, toy):
 
 def test_compress_learns_and_loads(predecessor_top, toy, tmp_path):
     from theseus_deploy.metrics import compute_metrics
-    from theseus_deploy.train import predict
+    from theseus_deploy.recipes.common import predict
 
     untrained = CompressRecipe(_cfg(predecessor_top, toy, tmp_path / "u", max_steps=120)).setup()
     start = compute_metrics(untrained.spec, *predict(untrained.model, untrained.dev_loader, untrained.acc))["accuracy"]
@@ -369,16 +369,17 @@ def test_one_optimizer_recipe_decay_groups(tiny_bert):
 
 
 def test_finetune_and_compress_share_configure_optimizers(predecessor, toy, tmp_path, monkeypatch):
-    import theseus_deploy.train as T
+    import theseus_deploy.recipes.loop as T
     from theseus_deploy.config import FinetuneConfig
+    from theseus_deploy.recipes.finetune import FinetuneRecipe
 
     calls = []
     real = T.configure_optimizers
     monkeypatch.setattr(T, "configure_optimizers", lambda *a, **k: calls.append(k) or real(*a, **k))
     CompressRecipe(_cfg(predecessor, toy, tmp_path / "c", max_grad_norm=0.5)).setup()
     args = dict(zip([a.lstrip("-").replace("-", "_") for a in toy[::2]], toy[1::2]))
-    T.FinetuneRecipe(FinetuneConfig(**args, model=str(predecessor), output=str(tmp_path / "f"), max_steps=2,
-                                    max_seq_length=16, decay_norm_and_bias=True)).setup()
+    FinetuneRecipe(FinetuneConfig(**args, model=str(predecessor), output=str(tmp_path / "f"), max_steps=2,
+                                  max_seq_length=16, decay_norm_and_bias=True)).setup()
     assert [c["decay_norm_and_bias"] for c in calls] == [False, True]
 
 
@@ -428,7 +429,7 @@ def test_best_weights_agree_with_the_checkpoint_after_resume(predecessor_top, to
     weights are those of the best step its checkpoint records."""
     import itertools
 
-    import theseus_deploy.train as T
+    import theseus_deploy.recipes.loop as T  # the evaluations' compute_metrics
 
     calls = itertools.count(1)  # every evaluation improves on the last: best is always the newest
     monkeypatch.setattr(T, "compute_metrics", lambda *a, **k: dict.fromkeys(("f1", "accuracy", "score"), next(calls) / 1000))
@@ -551,7 +552,7 @@ def golden_losses(kind, tmp_path, toy, **kw):
     """Per-step training losses of a 6-step run on a random tiny BERT (seed 0): lr and weight
     decay are large so that the decay groups and clipping show in the losses."""
     from theseus_deploy.config import FinetuneConfig
-    from theseus_deploy.train import FinetuneRecipe
+    from theseus_deploy.recipes.finetune import FinetuneRecipe
 
     from tiny import builtin_tokenizer
 

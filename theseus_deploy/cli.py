@@ -174,7 +174,7 @@ def cli():
 def finetune(**kwargs):
     """Fine-tune a model on a task; the result is the predecessor for `compress`."""
     cfg = C.FinetuneConfig(**kwargs)  # flags checked before torch is imported (seconds)
-    from .train import run_finetune
+    from .recipes.finetune import run_finetune
 
     run_finetune(cfg)
 
@@ -184,7 +184,7 @@ def finetune(**kwargs):
 def compress(**kwargs):
     """Compress a fine-tuned predecessor into a shallower successor (BERT-of-Theseus)."""
     cfg = C.CompressConfig(**kwargs)  # flags checked before torch is imported (seconds)
-    from .train import run_compress
+    from .recipes.compress import run_compress
 
     run_compress(cfg)
 
@@ -194,7 +194,7 @@ def compress(**kwargs):
 def evaluate(**kwargs):
     """Score a model folder on a task's dev split."""
     cfg = C.EvaluateConfig(**kwargs)  # flags checked before torch is imported (seconds)
-    from .train import run_evaluate
+    from .recipes.evaluate import run_evaluate
 
     run_evaluate(cfg)
 

@@ -183,6 +183,19 @@ class TheseusModel(nn.Module):
         return succ.eval()
 
 
+def truncate(model: nn.Module, keep_layers: int) -> nn.Module:
+    """The bottom `keep_layers` layers of `model`, as a plain trainable model (`finetune
+    --keep-layers`, the truncation baseline): the successor of a Theseus wrapper whose modules
+    start as the bottom layers, taken before any training."""
+    num_layers = model.config.num_hidden_layers
+    if not 1 <= keep_layers <= num_layers:
+        raise UsageError(f"--keep-layers must be between 1 and the model's {num_layers} layers, got {keep_layers}")
+    out = TheseusModel(model, keep_layers, init="bottom").to_successor()
+    for p in out.parameters():
+        p.requires_grad_(True)
+    return out.train()
+
+
 def _materialise_buffers(target: nn.Module, source: nn.Module):
     src = dict(source.named_buffers())
     for name, buf in list(target.named_buffers()):

@@ -40,7 +40,7 @@ from theseus_deploy.io import check_not_inside, locks_output, write_json
 from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import BACKENDS, FORMATS, export_format
 from theseus_deploy.runtime import load_runner
-from theseus_deploy.train import run_compress
+from theseus_deploy.recipes.compress import run_compress
 
 from .latency import measure
 from .pareto import Point, decide, nothing_message, parse_latency, parse_shape
