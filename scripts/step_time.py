@@ -74,7 +74,7 @@ def main():
                               theseus_teacher(theseus, contextlib.nullcontext))
         inputs = {k: v for k, v in batch.items() if k != "labels"}
 
-        def step_theseus_kd():  # as train.Recipe.train_step: student forward, teacher forward, combined loss
+        def step_theseus_kd():  # as a step of recipes/compress.py: student forward, teacher forward, combined loss
             while not any(theseus.sample(a.p, gen)):
                 pass
             out = theseus(**batch)

@@ -70,7 +70,7 @@ CASES = [(i, t, m, False) for i, t, m in INPROC_CASES] + NEW_CASES
 # A tqdm bar's segments (`train:  50%|#####     | 3/6 [00:01<00:01, 2.9it/s]`), between \r and \n.
 BAR = re.compile(r"^\s*[\w .\-]*:\s*\d+%\|.*\|.*\d+/\d+.*\]\s*$")
 
-# Makes the checkpoint writer of train.py write into /dev/full: torch's writer then fails as on a
+# Makes the checkpoint writer (recipes/loop.py) write into /dev/full: torch's writer then fails as on a
 # full disk (`RuntimeError ... unexpected pos` with the ENOSPC in its context).
 DISK_FULL_SITE = '''
 import os, tempfile

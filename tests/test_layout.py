@@ -17,7 +17,7 @@ PKG = REPO / "theseus_deploy"
 CORE = {"errors", "deps", "dist", "config", "registry", "io", "arch", "hf", "data", "metrics", "modeling", "optim", "schedulers",
         "distill", "loyalty", "cpu"}
 MIDDLE = {"artifact", "runtime"}
-COMMANDS = {"export", "bench", "sweep", "serve", "train", "cli", "__main__"}
+COMMANDS = {"export", "bench", "sweep", "serve", "recipes", "cli", "__main__"}
 LEVEL = {**{r: 0 for r in CORE}, **{r: 1 for r in MIDDLE}, **{r: 2 for r in COMMANDS}}
 
 
@@ -113,6 +113,33 @@ def test_no_import_cycles_between_modules_or_rooms():
     for mod, deps in graph.items():
         rooms.setdefault(_room(mod), set()).update(_room(d) for d in deps if _room(d) != _room(mod))
     assert _cycle(rooms) is None, f"room import cycle: {' -> '.join(_cycle(rooms))}"
+
+
+# recipes/: each recipe file stands alone over the shared modules (docs/design.md)
+RECIPES = {"finetune": {"common", "loop"}, "compress": {"common", "loop"}, "evaluate": {"common"},
+           "loop": {"common"}, "common": set()}
+
+
+def test_a_recipe_imports_only_the_shared_recipe_modules():
+    graph = _graph()
+    found = {m.rpartition(".")[2] for m in graph if _room(m) == "recipes" and m != "theseus_deploy.recipes"}
+    assert found == set(RECIPES), f"recipes/ modules without a rule in this test: {sorted(found ^ set(RECIPES))}"
+    wrong = []
+    for name, allowed in RECIPES.items():
+        mod = f"theseus_deploy.recipes.{name}"
+        inside = {d.rpartition(".")[2] for d in graph[mod] if _room(d) == "recipes" and d != "theseus_deploy.recipes"}
+        wrong += [f"{mod} -> recipes.{d}" for d in sorted(inside - allowed)]
+    assert not wrong, "a recipe imports another recipe (only common / loop are shared):\n" + "\n".join(wrong)
+
+
+def test_recipes_sit_below_the_other_commands():
+    """recipes/ imports no other command (nor cli); only cli and sweep import it."""
+    graph = _graph()
+    up = [f"{m} -> {d}" for m, deps in graph.items() if _room(m) == "recipes" for d in deps
+          if _room(d) in COMMANDS - {"recipes"}]
+    users = {_room(m) for m, deps in graph.items() if _room(m) != "recipes" and any(_room(d) == "recipes" for d in deps)}
+    assert not up, "recipes/ imports another command:\n" + "\n".join(up)
+    assert users == {"cli", "sweep"}, users
 
 
 def test_the_readme_path_of_text_classifier_still_works():

@@ -1,5 +1,5 @@
 """Several processes (`accelerate launch`, `torchrun`, mpirun, SLURM + a launcher): the few
-decisions train.py cannot leave to `accelerate` alone (docs/distributed.md).
+decisions the recipes (recipes/) cannot leave to `accelerate` alone (docs/distributed.md).
 
 What went wrong when everything was left to `accelerate.prepare` (measured with gloo, 2 CPU processes):
 - the dev loader was sharded with accelerate's even-batches padding: a dev set that is not a
