@@ -150,6 +150,11 @@ def test_compress_reports_loyalty_in_summary_and_metrics(predecessor, toy, tmp_p
     assert e["loyalty"]["probability"] == pytest.approx(m["loyalty"]["probability"], abs=1e-5)
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert all("loyalty" in h for h in log if "eval" in h)
+    # the soft-target term is logged beside the combined loss: loss = (1 - A) task + A soft, so
+    # with A = 0.5 each logged step's soft loss is a positive number of the same order
+    steps = [h for h in log if "loss" in h and h["loss"] is not None]
+    assert steps and all(h["soft_loss"] is not None and h["soft_loss"] >= 0 for h in steps)
+    assert all(h["soft_loss"] <= 2 * h["loss"] + 1e-6 for h in steps)  # (1-A) task >= 0, so A soft <= loss
 
 
 # ------------------------------------------------------------------ vanilla KD (finetune)
@@ -157,6 +162,7 @@ def test_finetune_vanilla_kd_teacher_is_the_model_before_truncation(predecessor,
     plain = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a")).setup().train()
     # the truncation baseline's loyalty is to --model before truncation too (no KD: no "distill" entry)
     assert set(plain.summary()["loyalty"]) == {"label", "probability"} and "distill" not in plain.summary()
+    assert all("soft_loss" not in h for h in plain.history)  # no distillation: the log is as before
     kd = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", distill_alpha=0.5, distill_temperature=2.0)).setup()
     assert kd.teacher.config.num_hidden_layers == 4 and kd.hf_config.num_hidden_layers == 2
     assert not any(p.requires_grad for p in kd.teacher.parameters())

@@ -88,7 +88,8 @@ class CompressRecipe(Run):
                     labels = batch.pop("labels")
                     out = self.model(**batch, labels=labels)
                     loss = out.loss if self.distiller is None else self.distiller.loss(out.loss, out.logits, batch)
-                    self.optimizer_step(loss, frozen=[] if head_learns else self.late)
+                    self.optimizer_step(loss, frozen=[] if head_learns else self.late,
+                                        soft=self.distiller.last_soft if self.distiller else None)
                 else:
                     # Every module drew its predecessor: no trainable tensor in the graph, nothing
                     # to learn; the schedules still advance so p and lr follow the step count.

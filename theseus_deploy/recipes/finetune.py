@@ -93,7 +93,7 @@ class FinetuneRecipe(Run):
                 labels = batch.pop("labels")
                 out = self.model(**batch, labels=labels)
                 loss = out.loss if self.distiller is None else self.distiller.loss(out.loss, out.logits, batch)
-                self.optimizer_step(loss)
+                self.optimizer_step(loss, soft=self.distiller.last_soft if self.distiller else None)
 
                 last = self.advance(bar)
                 stop = self.evaluate_every(last, weights=self.final_state_dict)

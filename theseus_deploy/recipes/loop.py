@@ -188,10 +188,10 @@ class Run:
                 if self.step >= self.total_steps:
                     return
 
-    def optimizer_step(self, loss, frozen: list = ()):
+    def optimizer_step(self, loss, frozen: list = (), soft: float | None = None):
         """Backward, clip, AdamW step on `loss`; `frozen` tensors get no update and no AdamW moments
-        on this step. The loss (mean over ranks) and the gradient norm before clipping go to the
-        next log line."""
+        on this step. The loss (mean over ranks), the gradient norm before clipping and, with
+        distillation, the soft-target term alone (`soft`, mean over ranks) go to the next log line."""
         self.check_finite(loss)
         self.acc.backward(loss)
         for p in frozen:
@@ -202,6 +202,8 @@ class Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending["losses"].append(dist.mean(loss.item()))  # the same global figure on every rank
+        if soft is not None:  # a checkpoint written before soft losses were logged has no list yet
+            self.pending.setdefault("soft", []).append(dist.mean(soft))
         if grad_norm is not None and math.isfinite(grad_norm):
             self.pending["norms"].append(grad_norm)
 
@@ -228,6 +230,10 @@ class Run:
                    "grad_norm": float(np.mean(norms)) if norms else None,
                    "lr": self.lr_schedule.get_last_lr()[0], "skipped_batches": self.pending["skipped"],
                    "elapsed_s": round(time.time() - self.t0, 2), **(extra or {})}
+            if self.distiller is not None:  # the soft-target term beside the combined loss
+                soft = self.pending.setdefault("soft", [])
+                rec["soft_loss"] = float(np.mean(soft)) if soft else None
+                soft.clear()
             self.history.append(rec)
             bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items() if k in ("loss", "p")})
             losses.clear()
