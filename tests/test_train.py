@@ -230,6 +230,17 @@ def test_evaluate_custom_takes_labels_from_the_model(predecessor, toy):
     assert result["num_examples"] == 128 and result["metrics"]["accuracy"] >= 0.9
 
 
+def test_evaluate_output_file_holds_its_run_config(predecessor, toy, tmp_path):
+    out = tmp_path / "ev.json"
+    r = run(["evaluate", "--model", str(predecessor), *toy, "--max-seq-length", "16", "--output", str(out)])
+    assert r.exit_code == 0, r.output
+    saved = json.loads(out.read_text())
+    assert saved["num_examples"] == 128 and "accuracy" in saved["metrics"]
+    cfg = saved["run_config"]
+    assert cfg["command"] == "evaluate" and cfg["model"] == str(predecessor) and cfg["max_seq_length"] == 16
+    assert cfg["output"] == str(out)
+
+
 def test_finetune_regression_head_from_a_bare_encoder(tmp_path):
     """A regression task (STS-B style) on an encoder without a head: one output, regression loss."""
     base = make_tiny_model(tmp_path / "base", "bert", 2)

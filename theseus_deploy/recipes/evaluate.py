@@ -53,8 +53,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     # report
     if not st.is_main_process:
         return result
-    if cfg.output is not None:
-        write_json(cfg.output, result)
+    if cfg.output is not None:  # the file holds its resolved configuration too, as every output does
+        write_json(cfg.output, {**result, "run_config": {**C.to_dict(cfg), "command": "evaluate"}})
     if cfg.json:
         print(dumps(result, indent=2))
     else:
