@@ -121,6 +121,7 @@ CASES = [
      "--max-eval-samples must be at least 1"),
     ("eval-batch-0", "evaluate --model {M:base} {toy} --batch-size 0", "--batch-size must be at least 1"),
     ("task-drop-nan", "export --model {M:base} --format onnx --output {out} --max-task-drop nan", "--max-task-drop must be"),
+    ("min-loyalty-range", "export --model {M:base} --format onnx --output {out} --min-loyalty 1.5", "--min-loyalty must be"),
     ("format-nonsense", "export --model {M:base} --format nonsense --output {out}", "nonsense"),
     ("opset-99", "export --model {M:base} --format onnx --output {out} --opset 99", "--opset 99 is above"),
     ("bench-threads", "bench --model {M:base} --output {out} --threads -3", "--threads must be at least 1"),

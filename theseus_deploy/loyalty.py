@@ -58,6 +58,12 @@ def to_data_order(logits: np.ndarray, mapping) -> np.ndarray:
     return logits if mapping is None else np.asarray(logits)[:, np.asarray(mapping)]
 
 
+def loyalty_value(loy: dict) -> float:
+    """The one number a loyalty limit compares: label loyalty, or for regression the Pearson
+    correlation of the two models' predictions."""
+    return loy["label"] if "label" in loy else loy["pearson"]
+
+
 def describe(loy: dict) -> str:
     """One line for a summary print."""
     if "pearson" in loy:

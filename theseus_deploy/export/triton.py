@@ -33,6 +33,7 @@ from theseus_deploy.deps import require
 from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import load_config, load_tokenizer
 from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
+from theseus_deploy.loyalty import describe
 from theseus_deploy.registry import WRITERS
 
 from .api import export_model
@@ -307,10 +308,7 @@ def _check_ensemble(folder, m, models, problems):
 
 
 def _loyalty_note(task: dict) -> str:
-    loy = task.get("loyalty")
-    if not loy:
-        return ""
-    return f" (label loyalty {loy['label']:.4f})" if "label" in loy else f" (prediction Pearson {loy['pearson']:.4f})"
+    return f" (loyalty: {describe(task['loyalty'])})" if task.get("loyalty") else ""
 
 
 def model_card(repo: dict, config) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theseus_deploy.loyalty import loyalty_value
 from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import FORMATS
 from theseus_deploy.runtime import random_inputs
@@ -106,12 +107,6 @@ def check_task_drop(fmt: str, score: float, reference: float, max_drop: float = 
 
 class LoyaltyTooLow(ValidationError):
     pass
-
-
-def loyalty_value(loy: dict) -> float:
-    """The one number a loyalty limit compares: label loyalty, or for regression the Pearson
-    correlation of the two models' predictions."""
-    return loy["label"] if "label" in loy else loy["pearson"]
 
 
 def check_loyalty(fmt: str, loy: dict, min_loyalty: float):

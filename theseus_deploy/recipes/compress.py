@@ -129,11 +129,7 @@ class CompressRecipe(Run):
                 "predecessor_layers": self.theseus.predecessor_layers, "successor_layers": self.theseus.num_modules}
 
     def save(self):
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            model = self.theseus.to_successor()
-            model.load_state_dict(self.best_state)
-            self.write_output(model, self.resolved_config(), self.summary())
+        self.write_output(self.theseus.to_successor, self.resolved_config(), self.summary())
         return self
 
 

@@ -113,11 +113,7 @@ class FinetuneRecipe(Run):
         return out
 
     def save(self):
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.model)
-            model.load_state_dict(self.best_state)
-            self.write_output(model, self.run_config(), self.summary())
+        self.write_output(lambda: self.acc.unwrap_model(self.model), self.run_config(), self.summary())
         return self
 
 

@@ -393,9 +393,15 @@ class Run:
             out["distill"] = {"alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature}
         return out
 
-    def write_output(self, model, run_config: dict, metrics: dict):
-        """The output folder, atomically (main process): the model, its tokenizer, run_config.json,
-        metrics.json, train_log.jsonl; then the checkpoints in O.partial/ are removed."""
+    def write_output(self, make_model, run_config: dict, metrics: dict):
+        """The output folder, atomically, from the main process once every rank is here: the model
+        (`make_model()`, built on the main process only) with the best weights, its tokenizer,
+        run_config.json, metrics.json, train_log.jsonl; then the checkpoints in O.partial/ are removed."""
+        self.acc.wait_for_everyone()
+        if not self.acc.is_main_process:
+            return
+        model = make_model()
+        model.load_state_dict(self.best_state)
         with atomic_output_dir(self.output, overwrite=self.cfg.overwrite, protected=protected_inputs(self.cfg)) as tmp:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)

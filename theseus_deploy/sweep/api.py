@@ -34,9 +34,10 @@ from theseus_deploy.bench.sweep import Entry
 from theseus_deploy.data import label_mapping, load_from_config
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
-from theseus_deploy.export.validate import ValidationError, loyalty_value, task_logits
+from theseus_deploy.export.validate import ValidationError, task_logits
 from theseus_deploy.hf import check_model_source, load_config, load_tokenizer
 from theseus_deploy.io import check_not_inside, locks_output, write_json
+from theseus_deploy.loyalty import loyalty_value
 from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import BACKENDS, FORMATS, export_format
 from theseus_deploy.runtime import load_runner

@@ -15,7 +15,7 @@ import numpy as np
 
 from theseus_deploy import config as C
 from theseus_deploy.io import atomic_output_dir, atomic_write_text, write_json
-from theseus_deploy.loyalty import loyalty
+from theseus_deploy.loyalty import loyalty, loyalty_value
 
 from .pareto import fmt_latency, marks, nothing_message, own_drop_rejection
 
@@ -73,8 +73,7 @@ def build_record(cfg, mode, budget, depths, backends, pred_layers, info, latency
 
 
 def _loyalty_number(rec) -> float | None:
-    loy = rec.get("loyalty")
-    return (loy["label"] if "label" in loy else loy["pearson"]) if loy else None
+    return loyalty_value(rec["loyalty"]) if rec.get("loyalty") else None
 
 
 def _loyalty_cell(rec) -> str:
