@@ -446,7 +446,7 @@ def ablation_lines(root: Path) -> list[str]:
     tasks = sorted({r["task"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     lines = ["", "## Ablation: what closes the gap (`python scripts/results.py ablation`)", "",
-             "Theseus 3-layer dev score x100 on one predecessor per task, same steps and learning rate; mean over "
+             "Theseus successor's dev score x100 on one predecessor per task, same steps and learning rate; mean over "
              "seeds; retention = mean of score / predecessor.", "",
              "| variant | flags | " + " | ".join(tasks) + " | mean retention |", "|---|---|" + "---|" * len(tasks) + "---|"]
     for v in variants:
@@ -666,6 +666,46 @@ def kd_targets(t: dict, which: str) -> list[tuple]:
     return out
 
 
+def last_eval(root: Path, task: str, seed: int, method: str):
+    """The run's last dev evaluation (score), from its train_log.jsonl: what the run ends at with no
+    choice among its evaluations. None where the log has none."""
+    f = root / task / f"seed{seed}" / method / "train_log.jsonl"
+    if not f.is_file():
+        return None
+    evals = [r["eval"]["score"] for r in map(json.loads, f.read_text().splitlines()) if "eval" in r]
+    return evals[-1] if evals else None
+
+
+def last_step_lines(root: Path, rows: dict, methods: list, best) -> list[str]:
+    """The table again with each run's last evaluation instead of its best of the evaluations on dev:
+    the runs keep their best dev evaluation (the usual GLUE protocol), which selects on dev; this shows
+    how much of a figure that selection is."""
+    last = {}
+    for task, runs in rows.items():
+        for m in methods:
+            v = [x for x in (last_eval(root, task, r["seed"], m) for r in runs if m in r) if x is not None]
+            if v:
+                last.setdefault(task, {})[m] = 100 * statistics.median(v)
+    if not last:
+        return []
+    pred = {task: 100 * statistics.median(r["predecessor"]["score"] for r in runs) for task, runs in rows.items()}
+    lines = ["", "## Without selection on dev: each run's last evaluation", "",
+             "Every run above keeps the best of its evaluations on dev (the usual GLUE protocol, which chooses on",
+             "dev). Here each run's last evaluation instead (from its train_log.jsonl): no choice at all.", "",
+             "| task | " + " | ".join(LABELS[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
+    for task in sorted(last):
+        lines.append(f"| {task} | " + " | ".join(
+            f"{last[task][m]:.1f} ({100 * last[task][m] / pred[task]:.1f}%)" if m in last[task] else "-"
+            for m in methods) + " |")
+    have = [t for t in last if best in last[t]]
+    if have:
+        p = statistics.mean(pred[t] for t in have)
+        lines += ["", f"Macro retention of {LABELS[best]} at the last evaluation: "
+                      f"{100 * statistics.mean(last[t][best] for t in have) / p:.1f}% over {len(have)} "
+                      f"({', '.join(sorted(have))})."]
+    return lines
+
+
 def _machines(rows: dict) -> list[str]:
     seen = {}
     for runs in rows.values():
@@ -750,6 +790,9 @@ def report_kd(root: Path, doc: Path, which: str = "12to6"):
     missing = [k for k in planned if k not in rows]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)}."]
+    if rows:
+        lines += last_step_lines(root, rows, methods, best)
+    lines += ablation_lines(root)
     lines += bench_lines(root)
     lines += ["", "## Machine and versions", ""] + (_machines(rows) or ["Not recorded."])
     lines += ["", "## Budgets and commands", ""]

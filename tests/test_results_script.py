@@ -416,3 +416,30 @@ def test_mpnet_profile_end_to_end_on_a_tiny_model(tmp_path, synthetic_glue):
     text = doc.read_text()
     assert "## Loyalty to the predecessor (dev)" in text and "| macro retention >= 98.4%" in text
     assert "--group-by-length --save-steps 50" in text and "--distill-alpha 0.5 --distill-temperature 2" in text
+
+
+def test_kd_report_last_evaluation_and_ablation_sections(results, tmp_path):
+    """Runs keep their best dev evaluation; the report also shows each run's last one (no choice on
+    dev at all), from train_log.jsonl, and the KD ablation's table where ROOT/ablation has one."""
+    root = tmp_path / "runs"
+    write_kd_summary(root, "mrpc", 42, {"predecessor": 0.80, "truncation": 0.76, "theseus": 0.79})
+    write_kd_summary(root, "rte", 42, {"predecessor": 0.60, "truncation": 0.55, "theseus": 0.61})
+    for task, method, evals in (("mrpc", "theseus", [0.75, 0.79, 0.78]), ("mrpc", "truncation", [0.76, 0.70]),
+                                ("rte", "theseus", [0.61, 0.57])):
+        d = root / task / "seed42" / method
+        d.mkdir(parents=True)
+        log = [{"step": 10, "loss": 0.5}] + [{"step": 20 * (i + 1), "eval": {"score": e}} for i, e in enumerate(evals)]
+        (d / "train_log.jsonl").write_text("\n".join(map(json.dumps, log)) + "\n")
+    (root / "ablation").mkdir()
+    rows = [{"task": "mrpc", "variant": v, "seed": 42, "out": "x", "command": f"theseus-deploy compress {v}",
+             "score": s, "predecessor": 0.80} for v, s in (("unfreeze-short", 0.78), ("kd-a0.5-t2", 0.79))]
+    (root / "ablation" / "summary.json").write_text(json.dumps({"rows": rows, "winner": "kd-a0.5-t2"}))
+    doc = tmp_path / "r.md"
+    results.report_kd(root, doc, "12to6")
+    text = doc.read_text()
+    assert "## Without selection on dev: each run's last evaluation" in text
+    assert "| mrpc | 70.0 (87.5%) | 78.0 (97.5%) |" in text  # the last, not the best (79.0)
+    assert "| rte | - | 57.0 (95.0%) |" in text  # no log for rte truncation: no cell
+    # (78 + 57) / 2 over (80 + 60) / 2 = 96.4%
+    assert "Macro retention of Theseus at the last evaluation: 96.4% over 2 (mrpc, rte)." in text
+    assert "| kd-a0.5-t2 **(chosen)** | `--unfreeze-head --steps-to-full S/4 --distill-alpha 0.5 --distill-temperature 2` | 79.0 (1) |" in text
