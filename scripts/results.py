@@ -384,6 +384,16 @@ def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir
     return summary
 
 
+def variant_distill(v: str):
+    """The soft targets a variant trains with ({"alpha", "temperature"}), or None for one without:
+    `run --from-ablation` gives vanilla KD the chosen variant's own, so kd and Theseus compare alike."""
+    flags = [str(f) for f in VARIANTS[v](4000)]
+    if "--distill-alpha" not in flags:
+        return None
+    get = lambda k, d: flags[flags.index(k) + 1] if k in flags else d  # noqa: E731
+    return {"alpha": get("--distill-alpha", None), "temperature": get("--distill-temperature", "1")}
+
+
 def ablation_winner(rows, tie=0.001):
     """The variant with the best mean retention over (task, seed); within `tie` of the best, the
     current default (DEFAULT_VARIANT) wins, so a change of default must earn its place."""
@@ -826,8 +836,11 @@ def main():
     ap.add_argument("--methods", default=None,
                     help=f"comma-separated, of {','.join(ALL_METHODS)} (default: {','.join(METHODS)}; "
                          "--profile mpnet: all five)")
-    ap.add_argument("--distill-alpha", default=KD["alpha"], help="kd, theseus-kd: compress/finetune --distill-alpha")
-    ap.add_argument("--distill-temperature", default=KD["temperature"], help="kd, theseus-kd: --distill-temperature")
+    ap.add_argument("--distill-alpha", default=None,
+                    help=f"kd, theseus-kd: compress/finetune --distill-alpha (default {KD['alpha']}; with "
+                         "--from-ablation, the chosen variant's where it has one)")
+    ap.add_argument("--distill-temperature", default=None,
+                    help=f"kd, theseus-kd: --distill-temperature (default {KD['temperature']}; as --distill-alpha)")
     ap.add_argument("--successor-steps", type=int, default=None,
                     help="every method's step count instead of the profile's (a smaller CPU budget)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU trains several small models at once)")
@@ -854,7 +867,7 @@ def main():
     tasks, seeds = a.tasks.split(","), [int(x) for x in a.seeds.split(",")]
     global DRY_RUN, PRECISION, SUCCESSOR_STEPS
     DRY_RUN, PRECISION, SUCCESSOR_STEPS = a.dry_run, a.mixed_precision, a.successor_steps
-    KD.update(alpha=str(a.distill_alpha), temperature=str(a.distill_temperature))
+    KD.update({k: str(v) for k, v in (("alpha", a.distill_alpha), ("temperature", a.distill_temperature)) if v is not None})
     if a.what in ("run", "predecessors", "ablation"):
         a.model = ensure_model(a.model)
     if a.what == "predecessors":  # every task's predecessor at once (then `ablation` and `run` share them)
@@ -873,6 +886,15 @@ def main():
             print(f"Theseus flags from the ablation: {winner}"
                   + ("" if f.is_file() else f" ({f} missing: compress's defaults)"), flush=True)
             flags = VARIANTS[winner]
+            chosen = variant_distill(winner)
+            if chosen:  # vanilla KD (and theseus-kd) with the chosen soft targets: like with like
+                given = {k: str(v) for k, v in (("alpha", a.distill_alpha), ("temperature", a.distill_temperature))
+                         if v is not None}
+                if any(chosen[k] != v for k, v in given.items()):
+                    ap.error(f"--distill-alpha/--distill-temperature {given} differ from the ablation's chosen "
+                             f"variant {winner} ({chosen}): drop them, or run without --from-ablation")
+                KD.update(chosen)
+                print(f"Soft targets from the ablation: alpha {KD['alpha']}, temperature {KD['temperature']}", flush=True)
         const = None if a.constant_seeds is None else {int(x) for x in a.constant_seeds.split(",")}
         run_tasks([(t, s) for s in seeds for t in tasks], a.model, root, a.successor_layers, a.data_dir,
                   a.predecessor_seed, a.profile, flags, const, a.jobs, variant=winner, methods=methods)

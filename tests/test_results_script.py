@@ -443,3 +443,28 @@ def test_kd_report_last_evaluation_and_ablation_sections(results, tmp_path):
     # (78 + 57) / 2 over (80 + 60) / 2 = 96.4%
     assert "Macro retention of Theseus at the last evaluation: 96.4% over 2 (mrpc, rte)." in text
     assert "| kd-a0.5-t2 **(chosen)** | `--unfreeze-head --steps-to-full S/4 --distill-alpha 0.5 --distill-temperature 2` | 79.0 (1) |" in text
+
+
+def test_from_ablation_gives_vanilla_kd_the_chosen_soft_targets(tmp_path, synthetic_glue):
+    """When the ablation chooses a variant with soft targets, `run --from-ablation` trains vanilla KD
+    with the same alpha and temperature (like with like); a conflicting --distill-alpha is refused."""
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    root = tmp_path / "runs"
+    (root / "ablation").mkdir(parents=True)
+    (root / "ablation" / "summary.json").write_text(json.dumps({"rows": [], "winner": "kd-a0.9-t2"}))
+    base = [sys.executable, str(REPO / "scripts" / "results.py"), "--dry-run", "--root", str(root), "--doc",
+            str(tmp_path / "doc.md"), "--model", str(model), "--data-dir", str(synthetic_glue)]
+    r = subprocess.run([*base, "run", "--from-ablation", "--methods", "theseus,kd", "--tasks", "rte"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cmd = {ln.rsplit("/", 1)[1]: ln for ln in r.stdout.splitlines() if ln.startswith("+ ")}
+    for name in ("theseus", "kd"):
+        assert "--distill-alpha 0.9 --distill-temperature 2" in cmd[name], cmd[name]
+    assert "--keep-layers" in cmd["kd"]
+    r = subprocess.run([*base, "run", "--from-ablation", "--distill-alpha", "0.5", "--methods", "kd", "--tasks", "rte"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "differ from the ablation's chosen variant kd-a0.9-t2" in r.stderr
