@@ -468,3 +468,20 @@ def test_from_ablation_gives_vanilla_kd_the_chosen_soft_targets(tmp_path, synthe
     r = subprocess.run([*base, "run", "--from-ablation", "--distill-alpha", "0.5", "--methods", "kd", "--tasks", "rte"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "differ from the ablation's chosen variant kd-a0.9-t2" in r.stderr
+
+
+def test_kd_report_says_where_the_predecessor_is_no_ceiling(results, tmp_path):
+    """A successor more than a point above its own predecessor (an undertrained predecessor) makes
+    retention above 100% meaningless there: the report names the task and both budgets."""
+    root = tmp_path / "runs"
+    write_kd_summary(root, "mrpc", 42, {"predecessor": 0.864, "theseus": 0.870})  # +0.6: within the slack
+    write_kd_summary(root, "rte", 42, {"predecessor": 0.617, "theseus": 0.700, "truncation": 0.650})
+    for task in ("mrpc", "rte"):
+        s = json.loads((root / task / "seed42" / "summary.json").read_text())
+        s["budget"].update(predecessor="--epochs 3", compress_steps=1560)
+        (root / task / "seed42" / "summary.json").write_text(json.dumps(s))
+    doc = tmp_path / "r.md"
+    results.report_kd(root, doc, "12to6")
+    text = doc.read_text()
+    assert "**The predecessor is not a ceiling** on rte: a successor scores above it (rte: Theseus 70.0 vs 61.7, +8.3 points)" in text
+    assert "rte: predecessor --epochs 3, each successor 1560 steps" in text and "mrpc:" not in text.split("not a ceiling")[1].split("\n")[0]
