@@ -113,6 +113,28 @@ def test_compress_teacher_is_the_predecessor_with_its_original_head(predecessor,
     assert r.theseus.training and all(m.force is None for m in r.theseus.modules_)  # mode restored
 
 
+def test_compress_teacher_head_follows_the_model_when_it_moves(predecessor):
+    """The teacher's copy of the original head moves with the model: the accelerator moves the
+    wrapper to its device after the teacher is built (a copy left on the CPU fails on a GPU with
+    a device mismatch). A cast to float64 moves every parameter the way .to(device) does."""
+    from contextlib import nullcontext
+
+    from theseus_deploy.distill import theseus_teacher
+    from theseus_deploy.modeling import TheseusModel
+
+    theseus = TheseusModel(AutoModelForSequenceClassification.from_pretrained(predecessor), 2)
+    teacher = theseus_teacher(theseus, nullcontext)
+    theseus.to(torch.float64)
+    batch = {"input_ids": torch.tensor([[101, 1996, 2143, 102], [101, 2307, 102, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    ref = AutoModelForSequenceClassification.from_pretrained(predecessor).to(torch.float64).eval()
+    with torch.no_grad():
+        want = ref(**batch).logits
+    got = teacher(batch)
+    assert got.dtype == torch.float32  # the soft targets are float32, as before
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+
+
 # before / after the head starts learning (step 3); the second with length-grouped batches too
 @pytest.mark.parametrize("interrupt,group", [(2, False), (5, True)])
 def test_compress_resume_with_kd_is_bit_identical(predecessor, toy, tmp_path, interrupt, group):

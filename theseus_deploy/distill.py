@@ -65,11 +65,17 @@ def theseus_teacher(theseus, autocast):
     from torch.func import functional_call
 
     head_ids = {id(p) for p in theseus.head_parameters()}
+    live = {n: p for n, p in theseus.model.named_parameters() if id(p) in head_ids}
     # The head may learn later (--unfreeze-head): the teacher keeps a copy of the loaded one.
-    head = {n: p.detach().clone() for n, p in theseus.model.named_parameters() if id(p) in head_ids}
+    head = {n: p.detach().clone() for n, p in live.items()}
 
     @torch.no_grad()
     def teacher(batch):
+        # The copy follows the model: the accelerator moves the wrapper to its device after this
+        # teacher is built, and a copy left on the CPU fails against a model on a GPU.
+        for n, p in live.items():
+            if head[n].device != p.device or head[n].dtype != p.dtype:
+                head[n] = head[n].to(device=p.device, dtype=p.dtype)
         was = theseus.training
         theseus.eval()
         theseus.force("predecessor")
