@@ -206,6 +206,38 @@ def test_finetune_kd_resume_is_bit_identical(predecessor, toy, tmp_path):
     assert same(successor(full), successor(resumed))
 
 
+def tiny_distilbert(path):
+    """A random 2-label DistilBERT (no segment embedding: it takes no token_type_ids) with the tiny models' tokenizer."""
+    from transformers import DistilBertConfig
+
+    from tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=514)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_finetune_teacher_that_reads_token_type_ids_the_student_lacks_is_refused_on_pairs(predecessor, toy, tmp_path):
+    """A BERT teacher for a DistilBERT student: the batches carry the student's inputs only, so on a
+    text-pair task the teacher would see every token as the first text's (token_type_ids all 0)
+    and its soft targets and the loyalty reference would be another model's. Refused; on a
+    single-text task the missing ids are the zeros the tokenizer gives, and the run goes ahead."""
+    student = tiny_distilbert(tmp_path / "distil")
+    kw = dict(model=student, output=str(tmp_path / "o"), max_steps=1, batch_size=16, max_seq_length=16,
+              distill_alpha=0.5, teacher=str(predecessor))
+    rng = np.random.default_rng(0)
+    rows = ["a,b,label"] + [f"{' '.join(rng.choice(WORDS, 4))},{' '.join(rng.choice(WORDS, 4))},{i % 2}" for i in range(32)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    pairs = {"task": "custom", "train_file": str(tmp_path / "pairs.csv"), "validation_file": str(tmp_path / "pairs.csv"),
+             "text_columns": "a,b", "label_column": "label"}
+    with pytest.raises(UsageError, match="reads token_type_ids"):
+        FinetuneRecipe(FinetuneConfig(**pairs, **kw)).setup()
+    r = FinetuneRecipe(FinetuneConfig(**toy, **kw)).setup()
+    assert r.distiller is not None and r.reference_logits is not None
+
+
 BAD = [
     (["compress", "--distill-alpha", "1.5"], "--distill-alpha must be at least 0 and at most 1, got 1.5"),
     (["compress", "--distill-alpha", "nan"], "--distill-alpha must be a finite number"),

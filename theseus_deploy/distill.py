@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import label_mapping
 from .errors import UsageError
-from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer
+from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
@@ -90,9 +90,14 @@ def theseus_teacher(theseus, autocast):
     return teacher
 
 
-def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: int):
+def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: int,
+                 student_inputs: list[str], pairs: bool):
     """A frozen classifier for `finetune --distill-alpha`, checked against the task and the
-    student's tokenizer: (model, column order that puts its logits in the student's label order)."""
+    student's tokenizer and inputs: (model, column order that puts its logits in the student's
+    label order). The teacher reads the student's batches: a teacher that takes token_type_ids the
+    student's batches lack (a BERT teacher, a DistilBERT student) is refused on a text-pair task,
+    where it would see every token as the first text's; on a single-text task the ids it misses
+    are the zeros its tokenizer would give."""
     config = load_config(name)
     if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise UsageError(f"teacher '{name}' is not a fine-tuned classifier (architectures: "
@@ -101,6 +106,11 @@ def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: in
     if load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
         raise UsageError(f"teacher '{name}' has another tokenizer vocabulary than the student: both must read the same ids")
     model = load_classifier(name).eval()
+    missing = [k for k in model_input_names(model) if k not in student_inputs]
+    if pairs and missing:
+        raise UsageError(f"teacher '{name}' reads {', '.join(missing)}, which the student's inputs "
+                         f"({', '.join(student_inputs)}) do not carry: on a text-pair task it would see every token "
+                         "as the first text's; distil from a teacher that takes the student's inputs")
     for p in model.parameters():
         p.requires_grad_(False)
     teacher_map = label_mapping(spec, model.config)  # raises on a label count / name mismatch

@@ -32,7 +32,8 @@ class FinetuneRecipe(Run):
         if cfg.distill_alpha > 0:  # vanilla KD: a frozen teacher on the same batch
             self.teacher_name = cfg.teacher or cfg.model
             self.teacher, self.teacher_order = distill.load_teacher(self.teacher_name, self.spec, self.tokenizer,
-                                                                    self.mapping, cfg.max_seq_length)
+                                                                    self.mapping, cfg.max_seq_length,
+                                                                    *self.student_inputs())
             self.distiller = distill.Distiller(cfg.distill_alpha, cfg.distill_temperature, self.spec.is_regression,
                                                distill.model_teacher(self.teacher, self.teacher_order,
                                                                      model_input_names(self.teacher), self.acc.autocast))
@@ -67,6 +68,10 @@ class FinetuneRecipe(Run):
                     p.requires_grad_(False)
         return model
 
+    def student_inputs(self) -> tuple[list[str], bool]:
+        """The inputs the training and dev batches carry (encode_data's) and whether the task's rows are text pairs."""
+        return model_input_names(self.hf_config), self.train_data.texts[0][1] is not None
+
     def reference(self):
         """Dev logits loyalty is measured against at every evaluation: the teacher's (KD), or with
         --keep-layers those of --model as loaded before truncation when that is a classifier for
@@ -76,7 +81,7 @@ class FinetuneRecipe(Run):
         elif self.cfg.keep_layers is not None:
             try:
                 ref, order = distill.load_teacher(self.cfg.model, self.spec, self.tokenizer, self.mapping,
-                                                  self.cfg.max_seq_length)
+                                                  self.cfg.max_seq_length, *self.student_inputs())
             except UsageError as e:  # a bare encoder (new head): nothing to be loyal to
                 log(f"[finetune] no loyalty figure: {e}")
                 return None
