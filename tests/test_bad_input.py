@@ -122,6 +122,11 @@ CASES = [
     ("eval-batch-0", "evaluate --model {M:base} {toy} --batch-size 0", "--batch-size must be at least 1"),
     ("task-drop-nan", "export --model {M:base} --format onnx --output {out} --max-task-drop nan", "--max-task-drop must be"),
     ("min-loyalty-range", "export --model {M:base} --format onnx --output {out} --min-loyalty 1.5", "--min-loyalty must be"),
+    # a loyalty limit is measured on --task's dev set by the validation: without either it would check nothing
+    ("min-loyalty-no-task", "export --model {M:base} --format onnx --output {out} --min-loyalty 0.9",
+     "--min-loyalty needs --task"),
+    ("min-loyalty-no-validate", "export --model {M:base} --format onnx --output {out} --task sst2 --data-dir "
+     "{glue:single} --no-validate --min-loyalty 0.9", "--min-loyalty needs the validation"),
     ("format-nonsense", "export --model {M:base} --format nonsense --output {out}", "nonsense"),
     ("opset-99", "export --model {M:base} --format onnx --output {out} --opset 99", "--opset 99 is above"),
     ("bench-threads", "bench --model {M:base} --output {out} --threads -3", "--threads must be at least 1"),

@@ -85,6 +85,13 @@ def export_model(cfg) -> dict:
         raise UsageError(f"--opset must be 17 or higher (fused attention needs it), got {cfg.opset}")
     if cfg.opset > max_opset():
         raise UsageError(f"--opset {cfg.opset} is above what the installed onnx/torch exporter supports ({max_opset()})")
+    # A loyalty limit is checked by the validation, on --task's dev set: without either it would check nothing.
+    if cfg.min_loyalty > 0 and not cfg.task:
+        raise UsageError(f"--min-loyalty needs --task: loyalty is measured on the task's dev set, without one "
+                         f"--min-loyalty {cfg.min_loyalty:g} would check nothing")
+    if cfg.min_loyalty > 0 and not cfg.validate:
+        raise UsageError(f"--min-loyalty needs the validation (--validate, the default): with --no-validate "
+                         f"--min-loyalty {cfg.min_loyalty:g} would check nothing")
     # Everything that can fail on bad input fails here, before any file is written.
     check_model_source(model_dir)
     config = load_config(model_dir)
