@@ -2,6 +2,7 @@
 loyalty (compress's summary, evaluate --reference) on tiny models and hand-computed arrays."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -236,6 +237,18 @@ def test_finetune_teacher_that_reads_token_type_ids_the_student_lacks_is_refused
         FinetuneRecipe(FinetuneConfig(**pairs, **kw)).setup()
     r = FinetuneRecipe(FinetuneConfig(**toy, **kw)).setup()
     assert r.distiller is not None and r.reference_logits is not None
+
+
+def test_a_teacher_or_reference_of_another_label_set_is_named_in_the_error(predecessor, toy, tmp_path):
+    """The label check of --teacher / --reference says which model is wrong (it said "the model has
+    3 labels", as if --model were)."""
+    three = make_tiny_model(tmp_path / "three", "bert", 2, num_labels=3)
+    with pytest.raises(UsageError, match=re.escape(f"teacher '{three}': the model has 3 labels but task custom has 2")):
+        FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "o", distill_alpha=0.5, teacher=str(three))).setup()
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(predecessor), "--reference", str(three), *toy_args(toy),
+                                 "--max-seq-length", "16", "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 2 and f"--reference {three}: the model has 3 labels" in r.output, r.output
+    assert not (tmp_path / "e.json").exists() and "score" not in r.output  # refused before --model was scored
 
 
 BAD = [

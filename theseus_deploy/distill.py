@@ -113,7 +113,10 @@ def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: in
                          "as the first text's; distil from a teacher that takes the student's inputs")
     for p in model.parameters():
         p.requires_grad_(False)
-    teacher_map = label_mapping(spec, model.config)  # raises on a label count / name mismatch
+    try:
+        teacher_map = label_mapping(spec, model.config)  # raises on a label count / name mismatch
+    except UsageError as e:
+        raise UsageError(f"teacher '{name}': {e}") from None
     return model, student_order(teacher_map, student_mapping, spec.num_labels)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import config as C
 from .. import dist
 from ..data import encode, label_mapping, load_from_config, make_loader, positive_id, spec_from_model
+from ..errors import UsageError
 from ..hf import check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
 from ..io import check_output_file, dumps, write_json
 from ..loyalty import describe, loyalty, to_data_order
@@ -30,6 +31,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
         check_max_seq_length(load_config(cfg.reference), cfg.max_seq_length)
     spec = spec_from_model(cfg, model_config)
     data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
+    if cfg.reference:  # a reference of another label set (or task type) fails before --model is scored
+        reference_mapping(cfg, data)
 
     # model and data
     model = load_classifier(cfg.model).eval()
@@ -76,9 +79,17 @@ def reference_loyalty(cfg, data, logits, st) -> dict:
     if st.num_processes > 1:
         ref.to(st.device)
     tokenizer = load_tokenizer(cfg.reference)
-    mapping = label_mapping(data.spec, ref.config)
+    mapping = reference_mapping(cfg, data, ref.config)
     enc = encode(tokenizer, data, cfg.max_seq_length, model_input_names(ref), mapping)
     ref_logits, labels = predict(ref, make_loader(tokenizer, enc, cfg.batch_size, False))
     return {"reference": cfg.reference, "reference_num_layers": ref.config.num_hidden_layers,
             "reference_metrics": compute_metrics(data.spec, ref_logits, labels, positive_id(data.spec, mapping)),
             "loyalty": loyalty(logits, to_data_order(ref_logits, mapping), data.spec.is_regression)}
+
+
+def reference_mapping(cfg, data, ref_config=None):
+    """The reference's label ids for the data's labels (data.label_mapping), its errors naming --reference."""
+    try:
+        return label_mapping(data.spec, ref_config if ref_config is not None else load_config(cfg.reference))
+    except UsageError as e:
+        raise UsageError(f"--reference {cfg.reference}: {e}") from None
