@@ -155,6 +155,24 @@ def test_compress_resume_with_kd_is_bit_identical(predecessor, toy, tmp_path, in
                             distill_temperature=3.0)).setup()
 
 
+def test_resume_of_a_checkpoint_from_before_distillation(predecessor, toy, tmp_path):
+    """A run paused by a version without the distillation options (its checkpoint's config has no
+    distill_* keys) resumes without them: A = 0 is the code path of that version. With KD it is
+    refused (that run had none)."""
+    full = CompressRecipe(ccfg(predecessor, toy, tmp_path / "a")).setup().train()
+    part = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b"))
+    part.cfg.stop_after_steps = 3
+    part.setup().train()
+    path = tmp_path / "b.partial" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["distill_alpha"], state["config"]["distill_temperature"]
+    torch.save(state, path)
+    with pytest.raises(UsageError, match=r"--distill-alpha 0.0 -> 0.5"):
+        CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", resume=True, distill_alpha=0.5)).setup()
+    resumed = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", resume=True)).setup().train()
+    assert same(successor(full), successor(resumed))
+
+
 def test_compress_reports_loyalty_in_summary_and_metrics(predecessor, toy, tmp_path):
     out = tmp_path / "o"
     r = CliRunner().invoke(cli, ["compress", "--model", str(predecessor), *toy_args(toy), "--output", str(out),

@@ -117,6 +117,11 @@ def resume_fields(cfg_or_cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg_or_cls) if f.metadata.get("resume")]
 
 
+def defaults(cfg_or_cls) -> dict:
+    """Each field's default (fields without a plain default, e.g. option groups, are left out)."""
+    return {f.name: f.default for f in dataclasses.fields(cfg_or_cls) if f.default is not dataclasses.MISSING}
+
+
 class Checked:
     """Mixin: a config is range-checked when it is built, wherever it is built (CLI, scripts, tests)."""
 

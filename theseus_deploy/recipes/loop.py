@@ -344,8 +344,11 @@ class Run:
 
     def check_resume_config(self, saved: dict):
         """A resumed run must be the same run: the fields marked `resume=True` in config.py decide
-        data order, draws, p, lr and what is evaluated and kept at every step."""
+        data order, draws, p, lr and what is evaluated and kept at every step. A field the
+        checkpoint's config lacks (an option added since it was written, e.g. --distill-alpha) had
+        its default then: an option is added with a default that keeps the run as it was."""
         now = C.to_dict(self.cfg)
+        saved = {**C.defaults(self.cfg), **saved}
         diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in C.resume_fields(self.cfg)
                 if k in now and saved.get(k) != now[k]]
         if diff:
