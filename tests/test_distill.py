@@ -299,6 +299,35 @@ def test_bad_distill_flags_one_line_exit_2_nothing_written(args, msg, predecesso
     assert sorted(tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_teacher_or_reference_whose_tokenizer_overruns_its_embeddings(command, predecessor, toy, tmp_path):
+    """--teacher / --reference whose config's vocab_size is below its tokenizer's ids (as --model is
+    checked): one line, exit 2, nothing written (it was an IndexError traceback mid-run)."""
+    import subprocess
+    import sys
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("bert", 2)
+    config.vocab_size = 200
+    small = tmp_path / "models" / "small"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(small)
+    tiny_tokenizer().save_pretrained(small)
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = [command, "--model", str(predecessor), *toy_args(toy), "--max-seq-length", "16"]
+    if command == "finetune":
+        argv += ["--keep-layers", "2", "--distill-alpha", "0.5", "--teacher", str(small), "--max-steps", "2",
+                 "--output", str(work / "out")]
+    else:
+        argv += ["--reference", str(small), "--output", str(work / "e.json")]
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", *argv], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), r.stderr[-2000:]
+    assert f"model '{small}': its tokenizer has" in err[0] and "vocab_size is 200" in err[0]
+    assert list(work.iterdir()) == []
+
+
 # ------------------------------------------------------------------ loyalty
 def test_loyalty_by_hand():
     a = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -3.0]])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import label_mapping
 from .errors import UsageError
-from .hf import check_max_seq_length, load_classifier, load_config, load_tokenizer, model_input_names
+from .hf import check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
@@ -103,6 +103,7 @@ def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: in
         raise UsageError(f"teacher '{name}' is not a fine-tuned classifier (architectures: "
                          f"{', '.join(config.architectures or ['none'])}): distil from a model fine-tuned on the task")
     check_max_seq_length(config, max_seq_length)
+    check_tokenizer_fits(name, config, tokenizer)  # it reads the student's ids
     if load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
         raise UsageError(f"teacher '{name}' has another tokenizer vocabulary than the student: both must read the same ids")
     model = load_classifier(name).eval()

@@ -28,7 +28,9 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     model_config = load_config(cfg.model)
     check_max_seq_length(model_config, cfg.max_seq_length)
     if cfg.reference:  # a mistyped reference fails before any scoring
-        check_max_seq_length(load_config(cfg.reference), cfg.max_seq_length)
+        ref_config = load_config(cfg.reference)
+        check_max_seq_length(ref_config, cfg.max_seq_length)
+        check_tokenizer_fits(cfg.reference, ref_config, load_tokenizer(cfg.reference))
     spec = spec_from_model(cfg, model_config)
     data = load_from_config(cfg, "train" if cfg.split == "train" else cfg.split, spec=spec)
     if cfg.reference:  # a reference of another label set (or task type) fails before --model is scored
