@@ -328,6 +328,22 @@ def test_teacher_or_reference_whose_tokenizer_overruns_its_embeddings(command, p
     assert list(work.iterdir()) == []
 
 
+def test_evaluate_reference_that_is_not_a_fine_tuned_classifier_is_refused(predecessor, toy, tmp_path):
+    """A bare encoder as --reference loads with a new random head: its "loyalty" measured noise (it
+    printed label 0.0 for a model against a random head). Refused before --model is scored, as a
+    --teacher of that kind is."""
+    from transformers import BertModel
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    BertModel(tiny_config("bert", 2)).save_pretrained(tmp_path / "bare")
+    tiny_tokenizer().save_pretrained(tmp_path / "bare")
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(predecessor), "--reference", str(tmp_path / "bare"),
+                                 *toy_args(toy), "--max-seq-length", "16", "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 2 and "is not a fine-tuned classifier (architectures: BertModel)" in r.output, r.output
+    assert not (tmp_path / "e.json").exists() and "score" not in r.output
+
+
 # ------------------------------------------------------------------ loyalty
 def test_loyalty_by_hand():
     a = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, -3.0]])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .data import label_mapping
 from .errors import UsageError
-from .hf import check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
+from .hf import check_fine_tuned, check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
@@ -99,9 +99,7 @@ def load_teacher(name: str, spec, tokenizer, student_mapping, max_seq_length: in
     where it would see every token as the first text's; on a single-text task the ids it misses
     are the zeros its tokenizer would give."""
     config = load_config(name)
-    if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
-        raise UsageError(f"teacher '{name}' is not a fine-tuned classifier (architectures: "
-                         f"{', '.join(config.architectures or ['none'])}): distil from a model fine-tuned on the task")
+    check_fine_tuned(name, config, "teacher", "distil from a model fine-tuned on the task")
     check_max_seq_length(config, max_seq_length)
     check_tokenizer_fits(name, config, tokenizer)  # it reads the student's ids
     if load_tokenizer(name).get_vocab() != tokenizer.get_vocab():

@@ -157,6 +157,14 @@ def check_loaded(name: str, model, info: dict) -> None:
         raise UsageError(f"model '{name}' has non-finite weights (NaN/inf) in {len(bad)} tensors, e.g. {bad[0]}")
 
 
+def check_fine_tuned(name: str, config, role: str, hint: str) -> None:
+    """Refuse a model that is not a fine-tuned classifier where its own predictions are read (a
+    teacher, a loyalty reference): loaded as one, a bare encoder gets a new random head."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise UsageError(f"{role} '{name}' is not a fine-tuned classifier (architectures: "
+                         f"{', '.join(config.architectures or ['none'])}): {hint}")
+
+
 def check_max_seq_length(config, max_seq_length: int, flag: str = "--max-seq-length") -> None:
     """Refuse a sequence length above the position table before any training (it crashes later otherwise)."""
     limit = max_positions(config)

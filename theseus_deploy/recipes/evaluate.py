@@ -12,7 +12,7 @@ from .. import config as C
 from .. import dist
 from ..data import encode, label_mapping, load_from_config, make_loader, positive_id, spec_from_model
 from ..errors import UsageError
-from ..hf import check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
+from ..hf import check_fine_tuned, check_max_seq_length, check_tokenizer_fits, load_classifier, load_config, load_tokenizer, model_input_names
 from ..io import check_output_file, dumps, write_json
 from ..loyalty import describe, loyalty, to_data_order
 from ..metrics import compute_metrics
@@ -29,6 +29,8 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     check_max_seq_length(model_config, cfg.max_seq_length)
     if cfg.reference:  # a mistyped reference fails before any scoring
         ref_config = load_config(cfg.reference)
+        check_fine_tuned(cfg.reference, ref_config, "--reference", "loyalty is measured against a model's own "
+                         "predictions, give a model fine-tuned on the task")
         check_max_seq_length(ref_config, cfg.max_seq_length)
         check_tokenizer_fits(cfg.reference, ref_config, load_tokenizer(cfg.reference))
     spec = spec_from_model(cfg, model_config)
