@@ -328,16 +328,40 @@ def test_teacher_or_reference_whose_tokenizer_overruns_its_embeddings(command, p
     assert list(work.iterdir()) == []
 
 
-def test_evaluate_reference_that_is_not_a_fine_tuned_classifier_is_refused(predecessor, toy, tmp_path):
-    """A bare encoder as --reference loads with a new random head: its "loyalty" measured noise (it
-    printed label 0.0 for a model against a random head). Refused before --model is scored, as a
-    --teacher of that kind is."""
+def bare_encoder(path):
+    """A tiny BERT encoder without a classifier head (architectures: BertModel)."""
     from transformers import BertModel
 
     from tiny import tiny_config, tiny_tokenizer
 
-    BertModel(tiny_config("bert", 2)).save_pretrained(tmp_path / "bare")
-    tiny_tokenizer().save_pretrained(tmp_path / "bare")
+    BertModel(tiny_config("bert", 2)).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def test_compress_of_a_model_that_is_not_a_fine_tuned_classifier_is_refused(toy, tmp_path):
+    """compress --model given the bare encoder (not the fine-tuned predecessor): it ran with a new
+    random head and reported retention 100% and loyalty ~1 to that noise. One line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    bare = bare_encoder(tmp_path / "models" / "bare")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", "compress", "--model", bare, *toy_args(toy),
+                        "--max-seq-length", "16", "--max-steps", "2", "--output", str(work / "out")],
+                       capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), r.stderr[-2000:]
+    assert f"--model '{bare}' is not a fine-tuned classifier (architectures: BertModel)" in err[0]
+    assert list(work.iterdir()) == []
+
+
+def test_evaluate_reference_that_is_not_a_fine_tuned_classifier_is_refused(predecessor, toy, tmp_path):
+    """A bare encoder as --reference loads with a new random head: its "loyalty" measured noise (it
+    printed label 0.0 for a model against a random head). Refused before --model is scored, as a
+    --teacher of that kind is."""
+    bare_encoder(tmp_path / "bare")
     r = CliRunner().invoke(cli, ["evaluate", "--model", str(predecessor), "--reference", str(tmp_path / "bare"),
                                  *toy_args(toy), "--max-seq-length", "16", "--output", str(tmp_path / "e.json")])
     assert r.exit_code == 2 and "is not a fine-tuned classifier (architectures: BertModel)" in r.output, r.output

@@ -15,7 +15,7 @@ import torch
 from .. import config as C
 from .. import dist, distill
 from ..errors import UsageError
-from ..hf import load_classifier
+from ..hf import check_fine_tuned, load_classifier, load_config
 from ..loyalty import describe
 from ..metrics import compute_metrics
 from ..modeling import TheseusModel
@@ -33,6 +33,9 @@ class CompressRecipe(Run):
         torch.manual_seed(cfg.seed)
 
         # ------------------------------------------------------------ model
+        # A bare encoder would load with a new random head: retention and loyalty would measure noise.
+        check_fine_tuned(cfg.model, load_config(cfg.model), "--model",
+                         "compress a model fine-tuned on the task (finetune gives one)")
         predecessor = load_classifier(cfg.model)
         n, depth = cfg.successor_layers, predecessor.config.num_hidden_layers
         if n is not None and not 1 <= n < depth:  # n = depth would "compress" into a copy of the predecessor
