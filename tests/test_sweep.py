@@ -402,6 +402,27 @@ def test_loyalty_recorded_and_a_limit_redecides_without_rescoring(setup, finishe
         assert not any(p.get("meets") for p in rec["points"] if p["layers"] == 2 and p["backend"] == "torch")
 
 
+def test_a_sweep_from_before_an_option_existed_redecides_without_rescoring(setup, finished, tmp_path):
+    """A sweep folder written before --distill-alpha/--distill-temperature existed (its settings lack
+    them) is the sweep those options' defaults give: a new budget re-decides from it, every stage
+    reused (it was refused as "holds a sweep with other settings (--distill-alpha None -> 0.0 ...)")."""
+    out = tmp_path / "s"
+    shutil.copytree(finished, out)
+    state = json.loads((out / "sweep-config.json").read_text())
+    del state["distill_alpha"], state["distill_temperature"]
+    (out / "sweep-config.json").write_text(json.dumps(state))
+    lat = json.loads((out / "latency-1x16.json").read_text())
+    del lat["settings"]["deciding"]["distill_alpha"], lat["settings"]["deciding"]["distill_temperature"]
+    (out / "latency-1x16.json").write_text(json.dumps(lat))
+    r = CliRunner().invoke(cli, args(setup, out, "--latency-budget", "20s"), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rec = json.loads((out / "sweep.json").read_text())
+    assert all(st["reused"] for st in rec["stages"]), rec["stages"]
+    assert json.loads((out / "sweep-config.json").read_text())["distill_alpha"] == 0.0
+    r = CliRunner().invoke(cli, args(setup, out, "--distill-alpha", "0.5"))  # KD is another sweep
+    assert r.exit_code == 2 and "--distill-alpha 0.0 -> 0.5" in r.output, r.output
+
+
 DAMAGED = [
     ("L4/eval.json", "{not json"),
     ("L4/eval.json", json.dumps({"layers": 4, "metrics": {"score": 0.5}, "dev_logits": [[0.1, 0.2], [0.3]]})),

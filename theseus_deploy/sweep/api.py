@@ -54,6 +54,10 @@ STATE = "sweep-config.json"
 # (`artifact=True`: opset, atol, INT8 weights, the evaluation batch), not budget, timing, backends.
 DECIDING = tuple(name for name, f, _, _ in C.flat_fields(C.SweepConfig)
                  if f.metadata.get("resume") or f.metadata.get("artifact"))
+# A sweep folder written before an option existed holds no value for it: it had the option's default
+# (an option is added with a default that keeps what ran before, e.g. --distill-alpha 0).
+DECIDING_DEFAULTS = {name: f.default for name, f, _, _ in C.flat_fields(C.SweepConfig)
+                     if name in DECIDING and f.default is not dataclasses.MISSING}
 OUTPUTS = ("sweep.json", "run_config.json", "sweep.csv", "report.md", "pareto.png", "best")
 EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
 
@@ -90,6 +94,13 @@ def compress_config(cfg, depth: int, output: Path, resume: bool) -> C.CompressCo
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(C.CompressConfig)
               if f.name not in C.SWEEP_COMPRESS_SKIP}
     return C.CompressConfig(**fields, model=cfg.model, output=str(output), successor_layers=depth, resume=resume)
+
+
+def _with_defaults(settings):
+    """A latency stage's settings with the deciding options it predates at their defaults (DECIDING_DEFAULTS)."""
+    if isinstance(settings, dict) and isinstance(settings.get("deciding"), dict):
+        return {**settings, "deciding": {**DECIDING_DEFAULTS, **settings["deciding"]}}
+    return settings
 
 
 def _deciding(cfg) -> dict:
@@ -168,7 +179,7 @@ def _check_dir(out: Path, cfg) -> None:
         return
     if not (out / STATE).is_file():
         raise UsageError(f"output folder is not empty and is not a sweep folder (no {STATE}): {out}")
-    saved = read_stage(out / STATE)
+    saved = {**DECIDING_DEFAULTS, **read_stage(out / STATE)}
     now = _deciding(cfg)
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in DECIDING if saved.get(k) != now[k]]
     if diff:
@@ -310,7 +321,7 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
                                                      model_dir)})
 
     stages.append(Stage("latency", mode["name"], lat_path, measure_latency, _timing,
-                        fresh=lambda cached: cached.get("settings") == settings()))
+                        fresh=lambda cached: _with_defaults(cached.get("settings")) == settings()))
 
     progress = Progress([(st.kind, st.label) for st in stages], enabled=show_progress)
     record_stages, t_start = [], time.time()
