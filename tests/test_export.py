@@ -317,3 +317,20 @@ def test_check_fusion_counts():
         check_fusion({"Attention": 4}, bert)
     check_fusion({"Attention": 4}, {"model_type": "roberta", "num_layers": 4})  # RoBERTa keeps its embeddings
     check_fusion({}, {"model_type": "mpnet", "num_layers": 4})  # relative attention bias: never fused
+
+
+def test_task_f1_scores_the_positive_class_of_a_model_with_another_label_order(tmp_path, synthetic_glue):
+    """MRPC's F1 is that of `equivalent`. A model that calls `equivalent` id 0 (the data: id 1) had
+    its dev labels remapped but F1 scored on id 1, i.e. `not_equivalent`: export recorded f1 0.0
+    where evaluate gave 0.667 for the same model and rows. Now both score the same class."""
+    from tiny import make_tiny_model
+    from theseus_deploy.config import EvaluateConfig
+    from theseus_deploy.recipes.evaluate import run_evaluate
+
+    model = str(make_tiny_model(tmp_path / "m", "bert", 2, seed=3, labels=("equivalent", "not_equivalent")))
+    ev = run_evaluate(EvaluateConfig.of(model=model, task="mrpc", data_dir=str(synthetic_glue), max_seq_length=32))
+    assert ev["metrics"]["f1"] > 0  # this model's F1 of `not_equivalent` (what was scored) is 0.0
+    m = export_model(ExportConfig.of(model=model, formats=["onnx"], output=str(tmp_path / "x"), max_seq_length=32,
+                                     task="mrpc", data_dir=str(synthetic_glue)))
+    assert m["task"]["pytorch"]["f1"] == pytest.approx(ev["metrics"]["f1"])
+    assert m["artifacts"][0]["validation"]["task"]["f1"] == pytest.approx(ev["metrics"]["f1"])

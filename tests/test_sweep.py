@@ -451,3 +451,20 @@ def test_damaged_stage_files_are_refused_naming_them(setup, finished, tmp_path):
     for (out, file, before), r in zip(cases, results):
         one_error(r, f"{out / file}: damaged sweep stage file")
         assert tree(out) == before, file
+
+
+def test_f1_scores_the_positive_class_of_a_model_with_another_label_order(tmp_path, synthetic_glue):
+    """MRPC's F1 is that of `equivalent`. For a model that calls `equivalent` id 0 the sweep scored
+    F1 on id 1 (`not_equivalent`): L2/eval.json said f1 0.0 where evaluate gave 0.667 on the same rows."""
+    from theseus_deploy.config import EvaluateConfig
+    from theseus_deploy.recipes.evaluate import run_evaluate
+
+    model = str(make_tiny_model(tmp_path / "m", "bert", 2, seed=3, labels=("equivalent", "not_equivalent")))
+    data = ["--task", "mrpc", "--data-dir", str(synthetic_glue), "--max-seq-length", "32"]
+    ev = run_evaluate(EvaluateConfig.of(model=model, task="mrpc", data_dir=str(synthetic_glue), max_seq_length=32))
+    assert ev["metrics"]["f1"] > 0  # this model's F1 of `not_equivalent` (what was scored) is 0.0
+    r = CliRunner().invoke(cli, ["sweep", "--model", model, *data, "--output", str(tmp_path / "s"), "--depths", "2",
+                                 "--backends", "torch", "--latency-shape", "1x16", "--iterations", "2", "--rounds", "1",
+                                 "--min-seconds", "0", "--warmup", "1", "--threads", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "L2" / "eval.json").read_text())["metrics"] == ev["metrics"]

@@ -60,13 +60,19 @@ def tiny_config(arch: str = "bert", layers: int = 4, num_labels: int = 2, hidden
 
 
 def make_tiny_model(path, arch: str = "bert", layers: int = 4, num_labels: int = 2, seed: int = 0,
-                    hidden: int = 32) -> Path:
-    """Save a random tiny `*ForSequenceClassification` plus a BERT tokenizer (see `tiny_tokenizer`) to `path`."""
+                    hidden: int = 32, labels=None) -> Path:
+    """Save a random tiny `*ForSequenceClassification` plus a BERT tokenizer (see `tiny_tokenizer`) to `path`.
+    `labels`: its label names by id (id2label), e.g. ("equivalent", "not_equivalent") for a model
+    whose label order is not the data's."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_config(tiny_config(arch, layers, num_labels, hidden))
+    config = tiny_config(arch, layers, num_labels, hidden)
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {name: i for i, name in enumerate(labels)}
+    model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return Path(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from theseus_deploy import config as C
 from theseus_deploy.artifact import write_manifest
-from theseus_deploy.data import label_mapping, load_task
+from theseus_deploy.data import label_mapping, load_task, positive_id
 from theseus_deploy.errors import UsageError
 from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
                                load_config, load_tokenizer, max_positions)
@@ -118,12 +118,13 @@ def export_model(cfg) -> dict:
     reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
     check_tokenizer_fits(model_dir, config, tokenizer)
     ctx.tokenizer = tokenizer
-    data = None
+    data = positive = None
     if cfg.task:
         data = load_task(cfg.task, cfg.data_dir, "dev", cfg.max_eval_samples)
         mapping = label_mapping(data.spec, config)
         if mapping is not None:
             data.labels = mapping[data.labels]
+        positive = positive_id(data.spec, mapping)  # F1's class in the model's label ids, as evaluate scores it
 
     manifest = {"source_model": str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir,
                 "model_type": config.model_type, "num_layers": config.num_hidden_layers,
@@ -138,7 +139,7 @@ def export_model(cfg) -> dict:
         if data is not None:
             ref_logits = task_logits(reference, tokenizer, data, max_seq_length=task_len)
             manifest["task"] = {"name": data.spec.name, "split": "dev", "num_examples": len(data),
-                                "pytorch": compute_metrics(data.spec, ref_logits, data.labels)}
+                                "pytorch": compute_metrics(data.spec, ref_logits, data.labels, positive)}
         for name in todo:
             fmt, t0 = FORMATS[name], time.time()
             entry = {"format": name, "file": fmt.file}
@@ -150,7 +151,7 @@ def export_model(cfg) -> dict:
                 entry["validation"] = {"shapes": check(reference, runner, name, shapes_for(*profile.max), cfg.atol)}
                 if data is not None:
                     got = task_logits(runner, tokenizer, data, max_seq_length=task_len)
-                    m = compute_metrics(data.spec, got, data.labels)
+                    m = compute_metrics(data.spec, got, data.labels, positive)
                     ref_score = manifest["task"]["pytorch"]["score"]
                     # loyalty: does the artifact decide like its PyTorch model, row by row (a score
                     # can hold while other rows flip)

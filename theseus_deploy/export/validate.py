@@ -115,9 +115,11 @@ def check_loyalty(fmt: str, loy: dict, min_loyalty: float):
         raise LoyaltyTooLow(f"{fmt}: {what} to PyTorch on dev {loyalty_value(loy):.4f} < --min-loyalty {min_loyalty:g}")
 
 
-def task_metric(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32) -> dict:
-    """Dev-set metric of any runner (the same loop for PyTorch and every artifact)."""
-    return compute_metrics(data.spec, task_logits(runner, tokenizer, data, max_seq_length, batch_size), data.labels)
+def task_metric(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32, positive: int | None = None) -> dict:
+    """Dev-set metric of any runner (the same loop for PyTorch and every artifact); `positive`: F1's
+    class in the runner model's label ids (data.positive_id), where `data.labels` were remapped to them."""
+    return compute_metrics(data.spec, task_logits(runner, tokenizer, data, max_seq_length, batch_size), data.labels,
+                           positive)
 
 
 def task_logits(runner, tokenizer, data, max_seq_length: int = 128, batch_size: int = 32) -> np.ndarray:

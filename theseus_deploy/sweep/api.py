@@ -31,7 +31,7 @@ from theseus_deploy import config as C
 from theseus_deploy.bench.api import check_backends
 from theseus_deploy.bench.env import environment
 from theseus_deploy.bench.sweep import Entry
-from theseus_deploy.data import label_mapping, load_from_config
+from theseus_deploy.data import label_mapping, load_from_config, positive_id
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
 from theseus_deploy.export.validate import ValidationError, task_logits
@@ -239,6 +239,7 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     mapping = label_mapping(dev.spec, pred_config)
     if mapping is not None:
         dev.labels = mapping[dev.labels]
+    positive = positive_id(dev.spec, mapping)  # F1's class in the model's label ids (successors keep its config)
     del train
 
     if cfg.threads:  # training and scoring too: on a busy 2-core machine 2 threads ran 10x slower than 1
@@ -264,7 +265,7 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
             tokenizer_cache[d] = load_tokenizer(str(model_dir(d)))
         length = min(max(EVAL_MAX_LENGTH, cfg.max_seq_length), max_pos)
         logits = task_logits(runner, tokenizer_cache[d], dev, max_seq_length=length, batch_size=cfg.eval_batch_size)
-        return {"metrics": compute_metrics(dev.spec, logits, dev.labels), "dev_logits": logits.tolist()}
+        return {"metrics": compute_metrics(dev.spec, logits, dev.labels, positive), "dev_logits": logits.tolist()}
 
     def compress(d: int):
         folder = model_dir(d)
