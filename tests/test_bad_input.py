@@ -78,6 +78,13 @@ def env(tmp_path_factory):
     data = (base / "model.safetensors").read_bytes()
     variant("trunc", raw=data[: len(data) // 2])
     variant("garbled", raw=b"\x00garbage" * 64)
+    from transformers import BertModel
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    BertModel(tiny_config("bert", 2)).save_pretrained(d / "bare")  # an encoder without a classifier head
+    tiny_tokenizer().save_pretrained(d / "bare")
+    models["bare"] = d / "bare"
 
     csv = lambda rows: "text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)  # noqa: E731
     (d / "train.csv").write_text(csv(_rows(64)))
@@ -166,6 +173,16 @@ CASES = [
     ("out-parent-of-model", "export --model {M:base} --format onnx --output {M:base}/.. --overwrite", "lies inside it"),
     ("out-contains-data", "finetune --model {M:base} {toy} --output {d} --overwrite", "would replace"),
     ("eval-out-is-model", "evaluate --model {M:base} {toy} --output {M:base}", "would replace"),
+    # a bare encoder loads with a new random head: evaluate scored it (0.58 on MRPC), export failed its own
+    # validation (two different random heads), bench timed it and sweep scored it as the predecessor
+    ("bare-encoder-ev", "evaluate --model {M:bare} {toy} --output {out}/m.json",
+     "is not a fine-tuned classifier (architectures: BertModel): evaluate scores"),
+    ("bare-encoder-x", "export --model {M:bare} --format onnx --output {out}",
+     "is not a fine-tuned classifier (architectures: BertModel): export builds a classifier's graph"),
+    ("bare-encoder-b", "bench --model {M:bare} --batch-sizes 1 --seq-lens 8 --output {out}",
+     "or give --layers N to time random weights"),
+    ("bare-encoder-sweep", "sweep --model {M:bare} {toy} --output {out} --depths 2 --backends torch",
+     "is not a fine-tuned classifier (architectures: BertModel): sweep compresses"),
 ]
 
 

@@ -263,3 +263,24 @@ def test_serve_ends_at_once_when_triton_exits_while_starting(tmp_path, tiny_bert
     finally:
         busy.close()
     assert_one_line_error(r, "Triton exited while starting", "already in use")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_serve_of_a_model_that_is_not_a_fine_tuned_classifier_is_refused(backend, tmp_path):
+    """A bare encoder (no classifier head): serve --backend torch answered with a new random head's
+    labels; --backend onnx exported it on the fly and failed that export's validation. Refused before
+    Triton starts: one line, exit 2, nothing written."""
+    pytest.importorskip("pytriton")
+    from transformers import BertModel
+
+    from tiny import tiny_config, tiny_tokenizer
+
+    bare = tmp_path / "bare"
+    BertModel(tiny_config("bert", 2)).save_pretrained(bare)
+    tiny_tokenizer().save_pretrained(bare)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    r = run_cli(["serve", bare, "--backend", backend, "--http-port", free_port(), "--grpc-port", free_port(),
+                 "--metrics-port", free_port()], tmp_path, timeout=120)
+    assert_one_line_error(r, f"model '{bare}' is not a fine-tuned classifier (architectures: BertModel)",
+                          "serve answers with a classifier's labels")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

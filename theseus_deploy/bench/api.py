@@ -22,7 +22,7 @@ from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
-from theseus_deploy.hf import (build_random_classifier, check_model_source, check_tokenizer_fits, load_config,
+from theseus_deploy.hf import (build_random_classifier, check_fine_tuned, check_model_source, check_tokenizer_fits, load_config,
                                load_tokenizer, max_positions)
 from theseus_deploy.io import (atomic_output_dir, check_output_dir, check_output_file, locks_output, sha256_file,
                                write_json)
@@ -69,6 +69,9 @@ def resolve_models(models, layers, workdir: Path) -> list[dict]:
         config = load_config(m)
         check_tokenizer_fits(m, config, load_tokenizer(m))  # a broken or too large tokenizer: refused before any timing
         random_init = export is None and (n is not None or (local.is_dir() and not _has_weights(local)))
+        if export is None and not random_init:  # a bare encoder's weights would be timed with a new random head
+            check_fine_tuned(m, config, "--model", "bench times a fine-tuned classifier: fine-tune it first "
+                             "(theseus-deploy finetune), or give --layers N to time random weights of its architecture")
         tag = f"{local.name if local.is_dir() else m.split('/')[-1]}-L{n or config.num_hidden_layers}"
         path = source
         if random_init:

@@ -19,7 +19,7 @@ from theseus_deploy import config as C
 from theseus_deploy.artifact import write_manifest
 from theseus_deploy.data import label_mapping, load_task, positive_id
 from theseus_deploy.errors import UsageError
-from theseus_deploy.hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
+from theseus_deploy.hf import (check_fine_tuned, check_max_seq_length, check_model_source, check_tokenizer_fits, load_classifier,
                                load_config, load_tokenizer, max_positions)
 from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output, write_json
 from theseus_deploy.io import sha256_file as _sha256
@@ -95,6 +95,11 @@ def export_model(cfg) -> dict:
     # Everything that can fail on bad input fails here, before any file is written.
     check_model_source(model_dir)
     config = load_config(model_dir)
+    # Every format is a sequence-classification graph (output `logits`); there is no feature-extraction
+    # export. A bare encoder got a new random head, and another one for the PyTorch reference: it failed
+    # as "max abs diff 0.026 > atol 0.0001" after the transformers load report.
+    check_fine_tuned(model_dir, config, "--model", "export builds a classifier's graph (output logits, no "
+                     "feature-extraction export): fine-tune it on the task first (theseus-deploy finetune)")
     max_seq = profile_cfg.max_seq_length
     if max_seq is None:  # the default: 512, or the model's position limit when that is smaller
         max_seq = min(DEFAULT_MAX_SEQ_LENGTH, max_positions(config) or DEFAULT_MAX_SEQ_LENGTH)

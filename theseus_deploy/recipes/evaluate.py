@@ -26,6 +26,9 @@ def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     if cfg.output is not None:
         check_output_file(cfg.output, cfg.overwrite, protected=protected_inputs(cfg))
     model_config = load_config(cfg.model)
+    # A bare encoder would load with a new random head: its "score" would be that noise's.
+    check_fine_tuned(cfg.model, model_config, "--model", "evaluate scores a model's own predictions, give a model "
+                     "fine-tuned on the task (theseus-deploy finetune gives one)")
     check_max_seq_length(model_config, cfg.max_seq_length)
     if cfg.reference:  # a mistyped reference fails before any scoring
         ref_config = load_config(cfg.reference)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.errors import UsageError
-from theseus_deploy.hf import load_classifier, load_config
+from theseus_deploy.hf import check_fine_tuned, load_classifier, load_config
 from theseus_deploy.registry import BACKENDS
 
 from .base import Runner
@@ -44,7 +44,9 @@ def load_runner(model: str, backend: str, device: str = "cpu", threads: int | No
     precheck(backend, device)  # say it before loading the weights
     spec = BACKENDS[backend]
     cls = spec.runner_class()
-    if spec.format is None:
+    if spec.format is None:  # (TextClassifier.load too: a bare encoder would classify with a new random head)
+        check_fine_tuned(model, load_config(model), "model", "a runner classifies with a model fine-tuned on the "
+                         "task (theseus-deploy finetune gives one)")
         return cls.open(spec, load_classifier(model), device, threads, seq_bucket=seq_bucket)
     if artifact:
         path = Path(artifact)

@@ -47,6 +47,7 @@ from theseus_deploy.config import ExportConfig
 from theseus_deploy.deps import require
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
+from theseus_deploy.hf import check_fine_tuned, load_config
 from theseus_deploy.registry import BACKENDS, export_format
 from theseus_deploy.runtime import TextClassifier
 
@@ -115,10 +116,15 @@ def resolve_model(model: str, backend: str, workdir: Path, max_batch_size: int, 
     path = Path(model)
     if not path.is_dir():
         raise UsageError(f"model folder not found: {model}")
-    if (path / "manifest.json").is_file() or BACKENDS[backend].format is None:
+    if (path / "manifest.json").is_file():
         return str(path)
     if not (path / "config.json").is_file():
         raise UsageError(f"{model} is neither a model folder (config.json) nor an export folder (manifest.json)")
+    # A bare encoder would answer with a new random head's labels.
+    check_fine_tuned(model, load_config(model), "model", "serve answers with a classifier's labels: fine-tune it on "
+                     "the task first (theseus-deploy finetune)")
+    if BACKENDS[backend].format is None:
+        return str(path)
 
     out = workdir / "export"
     LOG.info("exporting %s to %s on the fly", model, export_format(backend))

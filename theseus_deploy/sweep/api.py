@@ -35,7 +35,7 @@ from theseus_deploy.data import label_mapping, load_from_config, positive_id
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
 from theseus_deploy.export.validate import ValidationError, task_logits
-from theseus_deploy.hf import check_model_source, load_config, load_tokenizer
+from theseus_deploy.hf import check_fine_tuned, check_model_source, load_config, load_tokenizer
 from theseus_deploy.io import check_not_inside, locks_output, write_json
 from theseus_deploy.loyalty import loyalty_value
 from theseus_deploy.metrics import compute_metrics
@@ -227,6 +227,10 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     backends = parse_backends(cfg.backends, cfg.device)
     check_model_source(cfg.model)
     pred_config = load_config(cfg.model)
+    # Its depth is scored and exported before any compress stage (which refuses it too): a bare
+    # encoder's random head would have been the sweep's predecessor.
+    check_fine_tuned(cfg.model, pred_config, "--model", "sweep compresses and scores a model fine-tuned on the "
+                     "task (theseus-deploy finetune gives one)")
     pred_layers = pred_config.num_hidden_layers
     depths = parse_depths(cfg.depths, pred_layers)
     max_pos = getattr(pred_config, "max_position_embeddings", 512)
