@@ -181,6 +181,8 @@ CASES = [
      "is not a fine-tuned classifier (architectures: BertModel): export builds a classifier's graph"),
     ("bare-encoder-b", "bench --model {M:bare} --batch-sizes 1 --seq-lens 8 --output {out}",
      "or give --layers N to time random weights"),
+    ("sweep-temperature-no-alpha", "sweep --model {M:base} {toy} --output {out} --distill-temperature 2",
+     "--distill-temperature 2 needs --distill-alpha above 0"),
     ("bare-encoder-sweep", "sweep --model {M:bare} {toy} --output {out} --depths 2 --backends torch",
      "is not a fine-tuned classifier (architectures: BertModel): sweep compresses"),
 ]

@@ -90,7 +90,7 @@ def test_student_order_puts_teacher_columns_in_the_students_label_order():
 # ------------------------------------------------------------------ compress + KD
 def test_compress_alpha_zero_is_bit_identical_and_alpha_changes_training(predecessor, toy, tmp_path):
     plain = CompressRecipe(ccfg(predecessor, toy, tmp_path / "a")).setup().train()
-    off = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", distill_alpha=0.0, distill_temperature=4.0)).setup()
+    off = CompressRecipe(ccfg(predecessor, toy, tmp_path / "b", distill_alpha=0.0)).setup()
     assert off.distiller is None  # no teacher forward at all
     off.train()
     assert same(successor(plain), successor(off))
@@ -276,6 +276,10 @@ BAD = [
     (["finetune", "--distill-alpha", "-0.1", "--keep-layers", "2"], "--distill-alpha must be at least 0"),
     (["finetune", "--distill-alpha", "0.5"], "--distill-alpha needs a teacher: --keep-layers N"),
     (["finetune", "--teacher", "{pred}", "--keep-layers", "2"], "--teacher needs --distill-alpha above 0"),
+    # a temperature without distillation was ignored: the run trained without KD, as if it had not been given
+    (["compress", "--distill-temperature", "4"], "--distill-temperature 4 needs --distill-alpha above 0"),
+    (["finetune", "--distill-temperature", "2", "--keep-layers", "2"], "--distill-temperature 2 needs --distill-alpha"),
+    (["compress", "--distill-alpha", "0", "--distill-temperature", "3"], "--distill-temperature 3 needs --distill-alpha"),
     (["finetune", "--distill-alpha", "0.5", "--teacher", "{tmp}/nope"], "model path does not exist"),
     (["evaluate", "--reference", "{tmp}/nope"], "model path does not exist"),
 ]

@@ -196,8 +196,20 @@ class TrainConfig(DataConfig):
                                     "KL(softmax(teacher/T) || softmax(student/T)) (regression: MSE of the two predictions) "
                                     "against the teacher's logits on the same batch (compress: the predecessor; finetune: "
                                     "--teacher, default --model before --keep-layers). 0: off.", resume=True, ge=0, le=1)
-    distill_temperature: float = opt(1.0, "Temperature T of the soft targets (--distill-alpha > 0, classification).",
-                                     resume=True, gt=0)
+    distill_temperature: float = opt(1.0, "Temperature T of the soft targets (needs --distill-alpha > 0; "
+                                          "classification).", resume=True, gt=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_distill(self)
+
+
+def check_distill(cfg) -> None:
+    """A distillation setting without distillation is refused, not ignored (compress, finetune, sweep):
+    --distill-temperature T without --distill-alpha trained without KD, silently (as --teacher without it is refused)."""
+    if cfg.distill_temperature != 1.0 and not cfg.distill_alpha:
+        raise UsageError(f"--distill-temperature {cfg.distill_temperature:g} needs --distill-alpha above 0 (without "
+                         f"it there is no distillation and the temperature would be ignored)")
 
 
 @dataclass
@@ -216,7 +228,7 @@ class FinetuneConfig(TrainConfig):
                                     "as loaded, before --keep-layers truncates it: the vanilla KD baseline).", resume=True)
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # TrainConfig: check_distill
         if self.teacher and not self.distill_alpha:
             raise UsageError("--teacher needs --distill-alpha above 0")
         if self.distill_alpha and not self.teacher and self.keep_layers is None:
@@ -528,6 +540,14 @@ class _SweepOwn(Checked):
     overwrite: bool = opt(False, "Start over: discard the finished stages in DIR.")
 
 
+class _SweepChecked(Checked):
+    """The sweep's own cross-option checks (its compress options reach CompressConfig only at a compress stage)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_distill(self)
+
+
 # The sweep's default per-depth budget is one epoch at sequence length 64, not compress's default
 # (>= 3 epochs, >= 1500 steps): 4 depths x 3 epochs of SST-2 would take most of a day on 2 CPU cores.
 SWEEP_COMPRESS_DEFAULTS = {"epochs": 1.0, "max_seq_length": 64}
@@ -539,7 +559,7 @@ SweepConfig = dataclasses.make_dataclass(
     "SweepConfig",
     _compose(_SweepOwn) + _compose(ExportConfig, only=SWEEP_EXPORT_FIELDS)
     + _compose(CompressConfig, skip=SWEEP_COMPRESS_SKIP, defaults=SWEEP_COMPRESS_DEFAULTS),
-    bases=(Checked,))
+    bases=(_SweepChecked,))
 SweepConfig.__doc__ = ("Compress to several depths, export to several backends, time them, and pick the most accurate "
                        "point within a latency budget. Compress/export options are those of `compress` and `export`.")
 SweepConfig.__module__ = __name__
