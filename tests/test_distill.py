@@ -215,6 +215,24 @@ def test_finetune_vanilla_kd_teacher_is_the_model_before_truncation(predecessor,
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["loyalty"] == s["loyalty"]
 
 
+@pytest.mark.parametrize("extra,against", [
+    (["--distill-alpha", "0.5", "--distill-temperature", "2"], "the teacher {pred}"),
+    ([], "{pred} before truncation"),
+])
+def test_finetune_prints_its_loyalty_in_the_summary_as_compress_does(extra, against, predecessor, toy, tmp_path):
+    """finetune --keep-layers (with a teacher, or against --model before truncation) wrote its loyalty
+    to metrics.json only; compress prints its own after the table. Now both print it, the same figure."""
+    from theseus_deploy.loyalty import describe
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["finetune", "--model", str(predecessor), *toy_args(toy), "--output", str(out),
+                                 "--keep-layers", "1", "--max-steps", "4", "--eval-steps", "2", "--batch-size", "16",
+                                 "--max-seq-length", "16", *extra])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert f"loyalty to {against.format(pred=predecessor)}: {describe(m['loyalty'])}" in r.output.splitlines()
+
+
 def test_finetune_kd_resume_is_bit_identical(predecessor, toy, tmp_path):
     kw = dict(distill_alpha=0.6, distill_temperature=2.0)
     full = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()

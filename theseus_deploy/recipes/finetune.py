@@ -12,6 +12,7 @@ from .. import config as C
 from .. import dist, distill
 from ..errors import UsageError
 from ..hf import load_classifier, model_input_names
+from ..loyalty import describe
 from ..modeling import find_layers, truncate
 from .common import log, predict, print_table, say
 from .loop import Run
@@ -78,6 +79,7 @@ class FinetuneRecipe(Run):
         the task (the truncation baseline); None otherwise."""
         if self.distiller is not None:
             ref, order = self.teacher, self.teacher_order
+            self.reference_name = f"the teacher {self.teacher_name}"
         elif self.cfg.keep_layers is not None:
             try:
                 ref, order = distill.load_teacher(self.cfg.model, self.spec, self.tokenizer, self.mapping,
@@ -85,6 +87,7 @@ class FinetuneRecipe(Run):
             except UsageError as e:  # a bare encoder (new head): nothing to be loyal to
                 log(f"[finetune] no loyalty figure: {e}")
                 return None
+            self.reference_name = f"{self.cfg.model} before truncation"
         else:
             return None
         ref.to(self.acc.device)
@@ -130,4 +133,6 @@ def run_finetune(cfg: C.FinetuneConfig):
         return r
     r.save()
     print_table([(f"finetuned ({r.hf_config.num_hidden_layers} layers)", r.best_metrics)], r.spec.metrics)
+    if r.best_loyalty:  # as compress prints its loyalty to the predecessor (metrics.json "loyalty" holds it too)
+        say(f"loyalty to {r.reference_name}: {describe(r.best_loyalty)}")
     return r
