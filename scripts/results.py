@@ -836,7 +836,7 @@ def report_kd(root: Path, doc: Path, which: str = "12to6"):
         runs = sorted(runs, key=lambda r: r["seed"])
         r = runs[0]
         lines.append(f"**{task}**: {json.dumps(r['budget'])}; seeds {', '.join(str(x['seed']) for x in runs)}; "
-                     f"wall seconds (seed {r['seed']}) {json.dumps(r['seconds'])}")
+                     f"wall seconds (seed {r['seed']}; a resumed run: since its last resume) {json.dumps(r['seconds'])}")
         lines += ["```"] + [r["commands"][k] for k in ("predecessor", *ALL_METHODS) if k in r["commands"]] + ["```"]
     notes = ""
     if doc.is_file() and NOTES in doc.read_text():
