@@ -455,16 +455,27 @@ def ablation_lines(root: Path) -> list[str]:
     rows = a["rows"]
     tasks = sorted({r["task"] for r in rows})
     variants = list(dict.fromkeys(r["variant"] for r in rows))
+
+    def label_loyalty(r):  # the run's label loyalty to its predecessor (metrics.json), where recorded
+        m = Path(r["out"]) / "metrics.json"
+        loy = json.loads(m.read_text()).get("loyalty") if m.is_file() else None
+        return loy.get("label") if loy else None
+
+    loyal = {id(r): label_loyalty(r) for r in rows}
+    show = any(x is not None for x in loyal.values())  # ablations from before loyalty have none
     lines = ["", "## Ablation: what closes the gap (`python scripts/results.py ablation`)", "",
              "Theseus successor's dev score x100 on one predecessor per task, same steps and learning rate; mean over "
-             "seeds; retention = mean of score / predecessor.", "",
+             "seeds; retention = mean of score / predecessor" + ("; label loyalty to the predecessor x100 beside each "
+                                                                 "score" if show else "") + ".", "",
              "| variant | flags | " + " | ".join(tasks) + " | mean retention |", "|---|---|" + "---|" * len(tasks) + "---|"]
     for v in variants:
         sel = [r for r in rows if r["variant"] == v]
         cells = []
         for t in tasks:
             x = [r["score"] for r in sel if r["task"] == t]
-            cells.append(f"{100 * statistics.mean(x):.1f} ({len(x)})" if x else "-")
+            y = [loyal[id(r)] for r in sel if r["task"] == t and loyal[id(r)] is not None]
+            cells.append((f"{100 * statistics.mean(x):.1f} ({len(x)})" if x else "-")
+                         + (f", loyalty {100 * statistics.mean(y):.1f}" if y else ""))
         ret = statistics.mean(r["score"] / r["predecessor"] for r in sel)
         flags = variant_flags_doc(v)
         lines.append(f"| {v}{' **(chosen)**' if v == a['winner'] else ''} | `{flags or '(defaults)'}` | "

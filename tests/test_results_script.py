@@ -431,8 +431,11 @@ def test_kd_report_last_evaluation_and_ablation_sections(results, tmp_path):
         log = [{"step": 10, "loss": 0.5}] + [{"step": 20 * (i + 1), "eval": {"score": e}} for i, e in enumerate(evals)]
         (d / "train_log.jsonl").write_text("\n".join(map(json.dumps, log)) + "\n")
     (root / "ablation").mkdir()
-    rows = [{"task": "mrpc", "variant": v, "seed": 42, "out": "x", "command": f"theseus-deploy compress {v}",
-             "score": s, "predecessor": 0.80} for v, s in (("unfreeze-short", 0.78), ("kd-a0.5-t2", 0.79))]
+    rows = [{"task": "mrpc", "variant": v, "seed": 42, "out": str(root / "ablation" / v), "score": s,
+             "command": f"theseus-deploy compress {v}", "predecessor": 0.80}
+            for v, s in (("unfreeze-short", 0.78), ("kd-a0.5-t2", 0.79))]
+    (root / "ablation" / "kd-a0.5-t2").mkdir()  # its run's loyalty; unfreeze-short's run recorded none
+    (root / "ablation" / "kd-a0.5-t2" / "metrics.json").write_text(json.dumps({"loyalty": {"label": 0.913, "probability": 0.9}}))
     (root / "ablation" / "summary.json").write_text(json.dumps({"rows": rows, "winner": "kd-a0.5-t2"}))
     doc = tmp_path / "r.md"
     results.report_kd(root, doc, "12to6")
@@ -442,7 +445,8 @@ def test_kd_report_last_evaluation_and_ablation_sections(results, tmp_path):
     assert "| rte | - | 57.0 (95.0%) |" in text  # no log for rte truncation: no cell
     # (78 + 57) / 2 over (80 + 60) / 2 = 96.4%
     assert "Macro retention of Theseus at the last evaluation: 96.4% over 2 (mrpc, rte)." in text
-    assert "| kd-a0.5-t2 **(chosen)** | `--unfreeze-head --steps-to-full S/4 --distill-alpha 0.5 --distill-temperature 2` | 79.0 (1) |" in text
+    assert "| kd-a0.5-t2 **(chosen)** | `--unfreeze-head --steps-to-full S/4 --distill-alpha 0.5 --distill-temperature 2` | 79.0 (1), loyalty 91.3 |" in text
+    assert "| unfreeze-short | `--unfreeze-head --steps-to-full S/4` | 78.0 (1) |" in text
 
 
 def test_from_ablation_gives_vanilla_kd_the_chosen_soft_targets(tmp_path, synthetic_glue):
