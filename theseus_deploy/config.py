@@ -118,8 +118,10 @@ def resume_fields(cfg_or_cls) -> list[str]:
 
 
 def defaults(cfg_or_cls) -> dict:
-    """Each field's default (fields without a plain default, e.g. option groups, are left out)."""
-    return {f.name: f.default for f in dataclasses.fields(cfg_or_cls) if f.default is not dataclasses.MISSING}
+    """Each option's default by its flat name (flat_fields; options without a plain default are left out):
+    what a saved configuration that predates an option had for it."""
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    return {name: f.default for name, f, _, _ in flat_fields(cls) if f.default is not dataclasses.MISSING}
 
 
 class Checked:

@@ -158,8 +158,9 @@ def check_loaded(name: str, model, info: dict) -> None:
 
 
 def check_fine_tuned(name: str, config, role: str, hint: str) -> None:
-    """Refuse a model that is not a fine-tuned classifier where its own predictions are read (a
-    teacher, a loyalty reference): loaded as one, a bare encoder gets a new random head."""
+    """Refuse a model that is not a fine-tuned classifier wherever its own predictions are read
+    (compress, evaluate, export, sweep, bench, serve, a teacher, a loyalty reference): loaded as one,
+    a bare encoder gets a new random head."""
     if not any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise UsageError(f"{role} '{name}' is not a fine-tuned classifier (architectures: "
                          f"{', '.join(config.architectures or ['none'])}): {hint}")

@@ -56,8 +56,7 @@ DECIDING = tuple(name for name, f, _, _ in C.flat_fields(C.SweepConfig)
                  if f.metadata.get("resume") or f.metadata.get("artifact"))
 # A sweep folder written before an option existed holds no value for it: it had the option's default
 # (an option is added with a default that keeps what ran before, e.g. --distill-alpha 0).
-DECIDING_DEFAULTS = {name: f.default for name, f, _, _ in C.flat_fields(C.SweepConfig)
-                     if name in DECIDING and f.default is not dataclasses.MISSING}
+DECIDING_DEFAULTS = {name: v for name, v in C.defaults(C.SweepConfig).items() if name in DECIDING}
 OUTPUTS = ("sweep.json", "run_config.json", "sweep.csv", "report.md", "pareto.png", "best")
 EVAL_MAX_LENGTH = 128  # dev scores of every point use the export's task check length
 
