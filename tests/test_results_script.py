@@ -27,11 +27,15 @@ def fake_sh(calls, scores):
         calls.append(args)
         name = out.name
         seed = int(args[args.index("--seed") + 1])
-        out.mkdir(parents=True)
         m = {"dev": {"score": scores[name] + seed / 10000}}
         if args[args.index("--model") - 1] == "compress":
             m["predecessor_layers"] = 6
-        (out / "metrics.json").write_text(json.dumps(m))
+        # like the real commands (io.py): the folder appears whole (built as .NAME.tmp-*, then renamed), so a
+        # parallel job's summary never reads a half-written metrics.json
+        part = out.with_name(f".{out.name}.tmp-test")
+        part.mkdir(parents=True)
+        (part / "metrics.json").write_text(json.dumps(m))
+        part.rename(out)
         Path(log).write_text("ok")
     return sh
 
