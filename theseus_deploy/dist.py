@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 import sys
 
 import numpy as np
 
 from .errors import UsageError
-from .io import RANK_VARS, _rank, argument_getter, output_lock
+from .io import RANK_VARS, _rank, argument_getter, env_int, output_lock
 
 # The variables accelerate reads (accelerate.utils.environment.get_cpu_distributed_information):
 # torchrun / accelerate launch, Intel MPI / MPICH (PMI_*), Open MPI, MVAPICH. SLURM's SLURM_PROCID
@@ -38,18 +37,6 @@ from .io import RANK_VARS, _rank, argument_getter, output_lock
 SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 __all__ = ["RANK_VARS", "SIZE_VARS", "rank", "world_size", "is_main", "state", "check_world", "gather", "broadcast",
            "mean", "deal", "rng_state", "set_rng_state", "locks_output"]
-
-
-def _env_int(names, default: int) -> int:
-    """The first non-negative integer among the variables `names` (accelerate's get_int_from_env)."""
-    for name in names:
-        try:
-            value = int(os.environ.get(name, -1))
-        except ValueError:
-            continue
-        if value >= 0:
-            return value
-    return default
 
 
 def _initialized() -> bool:
@@ -93,7 +80,7 @@ def state():
 def check_world(num_processes: int) -> None:
     """UsageError when the launcher's world size (WORLD_SIZE, PMI_SIZE, ...) says several processes
     and accelerate's state has one."""
-    asked = _env_int(SIZE_VARS, 1)
+    asked = env_int(SIZE_VARS, 1)
     if asked > 1 and num_processes == 1:
         raise UsageError(f"launched as {asked} processes but accelerate found no devices to spread them over "
                          "(no GPU): on CPU set ACCELERATE_USE_CPU=true for the gloo backend (docs/distributed.md)")

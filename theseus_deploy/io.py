@@ -177,14 +177,19 @@ def _rank() -> int:
 
         if td.is_available() and td.is_initialized():
             return td.get_rank()
-    for name in RANK_VARS:
+    return env_int(RANK_VARS, 0)
+
+
+def env_int(names, default: int) -> int:
+    """The first non-negative integer among the variables `names` (accelerate's get_int_from_env)."""
+    for name in names:
         try:
             value = int(os.environ.get(name, -1))
         except ValueError:
             continue
         if value >= 0:
             return value
-    return 0
+    return default
 
 
 @contextlib.contextmanager
