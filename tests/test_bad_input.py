@@ -172,6 +172,12 @@ CASES = [
     ("out-is-model-b", "bench --model {M:base} --output {M:base} --overwrite", "would replace"),
     ("out-parent-of-model", "export --model {M:base} --format onnx --output {M:base}/.. --overwrite", "lies inside it"),
     ("out-contains-data", "finetune --model {M:base} {toy} --output {d} --overwrite", "would replace"),
+    # an output inside the data folder replaced the data: `export --task sst2 --data-dir G --output G/SST-2
+    # --overwrite` deleted SST-2's train.tsv and dev.tsv, `evaluate --output G/SST-2/dev.tsv --overwrite` its dev set
+    ("out-inside-data-x", "export --model {M:base} --format onnx --max-seq-length 16 --task sst2 --data-dir {glue:good} "
+     "--output {glue:good}/SST-2 --overwrite", "lies inside the input folder"),
+    ("out-inside-data-ev", "evaluate --model {M:base} --task sst2 --data-dir {glue:good} "
+     "--output {glue:good}/SST-2/dev.tsv --overwrite", "lies inside the input folder"),
     ("eval-out-is-model", "evaluate --model {M:base} {toy} --output {M:base}", "would replace"),
     # a bare encoder loads with a new random head: evaluate scored it (0.58 on MRPC), export failed its own
     # validation (two different random heads), bench timed it and sweep scored it as the predecessor
@@ -199,7 +205,8 @@ def _argv(template: str, env, out: Path) -> list[str]:
             name, _, rest = tok[3:].partition("}")
             argv.append(str(env["models"][name]) + rest)
         elif tok.startswith("{glue:"):
-            argv.append(str(env["glue"][tok[6:-1]]))
+            name, _, rest = tok[6:].partition("}")
+            argv.append(str(env["glue"][name]) + rest)
         else:
             argv.append(tok.replace("{out}", str(out)).replace("{d}", str(env["d"])))
     return argv

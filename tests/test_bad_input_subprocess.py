@@ -214,7 +214,7 @@ def test_bad_input_in_real_processes(env, tmp_path):  # noqa: F811
     shared_before = _snapshot(env["d"])
     # Cases that write (or lock) inside the shared folder run one after another: two of them at once
     # would meet each other's output lock instead of their own mistake.
-    shared = [c for c in CASES if re.search(r"--(output|update-baseline) \{(M:|d)", " ".join(c[1]) if isinstance(c[1], list)
+    shared = [c for c in CASES if re.search(r"--(output|update-baseline) \{(M:|d|glue:)", " ".join(c[1]) if isinstance(c[1], list)
                                             else c[1])]
     alone = [c for c in CASES if c not in shared]
 
@@ -244,3 +244,18 @@ def test_overwriting_a_symlinked_output_leaves_no_stray_link(env, tmp_path):  # 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
     assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
     assert (target / "mine.txt").read_text() == "kept"
+
+
+def test_output_inside_the_default_data_folder_is_refused(env, tmp_path):  # noqa: F811
+    """No --data-dir: the GLUE folder read is $THESEUS_DATA_DIR's, and an output inside it is refused as with
+    --data-dir (it replaced SST-2/dev.tsv with the metrics JSON, exit 0)."""
+    data = tmp_path / "glue"
+    shutil.copytree(env["glue"]["good"], data)
+    before = _snapshot(tmp_path)
+    penv = {**os.environ, "PYTHONPATH": str(REPO), "THESEUS_DATA_DIR": str(data)}
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", "evaluate", "--model", str(env["models"]["base"]),
+                        "--task", "sst2", "--output", str(data / "SST-2" / "dev.tsv"), "--overwrite"],
+                       capture_output=True, text=True, env=penv, timeout=600, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "lies inside the input folder" in lines[0], r.stderr[-2000:]
+    assert _snapshot(tmp_path) == before

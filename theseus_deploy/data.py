@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
+from .io import DATA_DIR_ENV
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,10 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
         if not p.is_dir():
             raise UsageError(f"data folder does not exist: {data_dir}")
         return p
-    env = os.environ.get("THESEUS_DATA_DIR")
+    env = os.environ.get(DATA_DIR_ENV)  # io protects the same folder from outputs
     if env:
         if not Path(env).is_dir():
-            raise UsageError(f"THESEUS_DATA_DIR does not exist: {env}")
+            raise UsageError(f"{DATA_DIR_ENV} does not exist: {env}")
         return Path(env)
     return None
 

@@ -101,23 +101,31 @@ def _is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+# The GLUE folder a run reads when no --data-dir is given (theseus_deploy/data.py: resolve_data_dir).
+DATA_DIR_ENV = "THESEUS_DATA_DIR"
+
+
 def check_not_inside(output: str | os.PathLike, protected=(), what: str = "--output") -> None:
     """Refuse an output that is, or contains, a protected path (the model, the data, the current
     folder): replacing it (`--overwrite`) or renaming over it would delete the source. An output
-    inside a model folder is refused too (`bench --update-baseline M/config.json` would replace the
-    model's own config): a run never writes into the folder it reads a model from."""
+    inside a protected folder is refused too: a run never writes into its inputs (`bench
+    --update-baseline M/config.json` would replace the model's own config; `export --task sst2
+    --data-dir G --output G/SST-2 --overwrite` deleted SST-2's train.tsv and dev.tsv). The data folder
+    of $THESEUS_DATA_DIR (the default --data-dir) is protected as well as the `protected` paths."""
     check_path(output, what)
     out = _abs(output).resolve()
     if out == out.parent:
         raise UsageError(f"{what} cannot be the file system root")
-    for p in [Path.cwd(), *[q for q in protected if q and os.path.exists(q)]]:
+    inputs = [*protected, os.environ.get(DATA_DIR_ENV)]
+    for p in [Path.cwd(), *[q for q in inputs if q and os.path.exists(q)]]:
         src = _abs(p).resolve()
         if src == out or out in src.parents:
             name = "the current folder" if p == Path.cwd() else str(p)
             raise UsageError(f"{what} {output} would replace {name}" + ("" if src == out else " (it lies inside it)")
                              + ": choose another output")
-        if p != Path.cwd() and src in out.parents and _is_model_folder(src):
-            raise UsageError(f"{what} {output} lies inside the model folder {p}: a run never writes into its "
+        if p != Path.cwd() and src in out.parents and src.is_dir():
+            kind = "the model folder" if _is_model_folder(src) else "the input folder"
+            raise UsageError(f"{what} {output} lies inside {kind} {p}: a run never writes into its "
                              "inputs; choose another path")
 
 
