@@ -135,6 +135,7 @@ class FakeTriton(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.server.posts = getattr(self.server, "posts", 0) + 1
         self._send(json.dumps({"outputs": [{"name": "label", "datatype": "BYTES", "shape": [1, 1], "data": ["LABEL_1"]},
                                            {"name": "score", "datatype": "FP32", "shape": [1, 1], "data": [0.5]}]}).encode())
 
@@ -195,6 +196,20 @@ def test_loadtest_output_holds_its_run_config(fake_triton, tmp_path, synthetic_g
     assert cfg["command"] == "loadtest" and cfg["urls"] == [url] and cfg["names"] == ["fake"]
     assert (cfg["concurrency"], cfg["requests"], cfg["seconds"], cfg["warmup"], cfg["timeout"]) == ("1,2", 3, 2.0, 0, 5.0)
     assert cfg["data_dir"] == str(synthetic_glue) and cfg["output"] == str(tmp_path / "out") and cfg["task"] == "sst2"
+
+
+def test_loadtest_holds_its_output_lock_for_the_whole_run(fake_triton, tmp_path, synthetic_glue):
+    """A second live run on the same --output is refused before it sends anything (it used to run the
+    whole load test and take the lock only to write, then fail or, with --overwrite, replace the first's)."""
+    from theseus_deploy.io import output_lock
+
+    fake_triton.stats = json.dumps(GOOD_STATS).encode()
+    with output_lock(tmp_path / "out"):
+        r = run_cli(["loadtest", f"http://127.0.0.1:{fake_triton.server_address[1]}", "--output", tmp_path / "out",
+                     "--data-dir", synthetic_glue, "--concurrency", "1", "--requests", "3", "--seconds", "2",
+                     "--warmup", "0", "--overwrite"], tmp_path)
+    assert_one_line_error(r, "another run is writing", str(tmp_path / "out"))
+    assert getattr(fake_triton, "posts", 0) == 0 and not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------ the gateway's check, binary tensor data

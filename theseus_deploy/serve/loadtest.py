@@ -23,7 +23,7 @@ from theseus_deploy.bench.api import parse_ints
 from theseus_deploy.bench.env import environment
 from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
-from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
+from theseus_deploy.io import atomic_output_dir, check_output_dir, locks_output, write_json
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -133,6 +133,9 @@ def server_stats(host: str, port: int, model: str, name: str = "") -> dict | Non
                          f"statistics (model_stats[0] with inference_count and execution_count): {data[:120]!r}") from None
 
 
+# Held for the whole run, as every command's (README, one run per output): taken only to write, a second
+# run on the same --output loaded the servers in full and then failed, or with --overwrite replaced the first's.
+@locks_output("cfg.output")
 def run_loadtest(cfg) -> dict:
     if not cfg.urls:
         raise UsageError("give at least one server URL (e.g. http://127.0.0.1:8000)")
