@@ -166,3 +166,49 @@ def test_repository_never_replaces_its_source_model(tiny_bert, tmp_path):
                                      "--overwrite"])
         assert r.exit_code == 2 and r.output.count("error:") == 1 and "Traceback" not in r.output, r.output
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-onnx", "listed-config-json"])
+def test_repository_from_an_export_folder_whose_artifact_is_not_onnx(tiny_bert, tmp_path, damage):
+    """An export folder whose onnx-int8 file is not an ONNX graph (its sha256 in manifest.json matching, as
+    after a hand edit): one `error:` line naming the file, exit 2, nothing written. It was onnx's
+    DecodeError traceback (exit 1) from the repository check."""
+    import hashlib
+    import os
+    import subprocess
+
+    from conftest import REPO
+    from theseus_deploy.export.api import export_model
+
+    src = tmp_path / "exp"
+    export_model(ExportConfig.of(model=str(tiny_bert), formats=["onnx-int8"], output=str(src), max_seq_length=32,
+                                 max_batch_size=4))
+    art = src / ("config.json" if damage == "listed-config-json" else "model-int8.onnx")  # .json: onnx's JSON reader
+    data = art.read_bytes()
+    if damage != "listed-config-json":
+        art.write_bytes(data[: len(data) // 3] if damage == "truncated" else (src / "config.json").read_bytes())
+    manifest = json.loads((src / "manifest.json").read_text())
+    for a in manifest["artifacts"]:
+        if a["format"] == "onnx-int8":
+            a["file"], a["sha256"] = art.name, hashlib.sha256(art.read_bytes()).hexdigest()
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", "export", "--model", str(src), "--format", "triton",
+                        "--output", str(tmp_path / "repo"), "--triton-max-length", "16", "--max-batch-size", "4"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and f"{art}: not an ONNX graph" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_repository_check_failure_is_one_line(repo, tmp_path):
+    """Several problems are one line (the CLI's `error:` line), each named."""
+    import shutil
+
+    broken = tmp_path / "repo"
+    shutil.copytree(repo, broken)
+    cfg = broken / "text_classifier_onnx" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("TYPE_FP32", "TYPE_FP16").replace('name: "input_ids"', 'name: "input_idz"'))
+    with pytest.raises(RepositoryError) as e:
+        validate_repository(broken)
+    assert "\n" not in str(e.value) and str(e.value).count("text_classifier_onnx/config.pbtxt") >= 2, str(e.value)

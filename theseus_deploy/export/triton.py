@@ -172,8 +172,11 @@ def export_repository(cfg) -> dict:
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(to_pbtxt(cfg))
         for fmt in artifacts:
-            suffix, _, file, _ = CLASSIFIERS[fmt]
-            shutil.copy(folder.resolve(fmt), tmp / f"{NAME}_{suffix}" / "1" / file)  # listed, confined, hashed
+            suffix, platform, file, _ = CLASSIFIERS[fmt]
+            path = folder.resolve(fmt)  # listed, confined, hashed
+            if platform == "onnxruntime_onnx":  # a file that is not what its format says: named, before it is copied
+                _load_onnx(path, f"{path}: not an ONNX graph for {fmt}")
+            shutil.copy(path, tmp / f"{NAME}_{suffix}" / "1" / file)
         tok_dir = tmp / f"{NAME}_tokenizer" / "1"
         tokenizer = load_tokenizer(str(export_dir))
         if (export_dir / "tokenizer.json").is_file():
@@ -203,7 +206,6 @@ def export_repository(cfg) -> dict:
 def validate_repository(repo: str | Path) -> list[str]:
     """Parse every config.pbtxt with Triton's ModelConfig and check it against the files beside it;
     RepositoryError listing every problem, else the list of checks that passed."""
-    import onnx
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -243,7 +245,11 @@ def validate_repository(repo: str | Path) -> list[str]:
             problems.append(f"{folder}/1/{file}: missing")
             continue
         if m.platform == "onnxruntime_onnx":
-            graph = onnx.load(str(version / file), load_external_data=False).graph
+            try:
+                graph = _load_onnx(version / file, f"{folder}/1/{file}: not an ONNX graph").graph
+            except UsageError as e:
+                problems.append(str(e))
+                continue
             init = {i.name for i in graph.initializer}
             for kind, cfg_list, g_list in (("input", m.input, [i for i in graph.input if i.name not in init]),
                                            ("output", m.output, graph.output)):
@@ -270,9 +276,23 @@ def validate_repository(repo: str | Path) -> list[str]:
             done.append(f"{folder}: inputs/outputs match {file}")
         else:
             done.append(f"{folder}: {file} present")
-    if problems:
-        raise RepositoryError("Triton repository check failed:\n  " + "\n  ".join(problems))
+    if problems:  # one line: the CLI's `error:` line
+        raise RepositoryError("Triton repository check failed: " + "; ".join(problems))
     return [f"{n}/config.pbtxt parses as ModelConfig" for n in sorted(models)] + done
+
+
+def _load_onnx(path: Path, what: str):
+    """The ONNX model at `path` (weights not loaded); UsageError `what (reason)` when it is not one
+    (measured: a truncated file raised protobuf's DecodeError, a JSON file the same)."""
+    import onnx
+
+    try:  # protobuf whatever the name (onnx picks its JSON reader for a listed `*.json`, as ONNX Runtime does not)
+        model = onnx.load(str(path), format="protobuf", load_external_data=False)
+    except Exception as e:  # DecodeError, and whatever else a file that is no ModelProto raises
+        raise UsageError(f"{what} ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    if not model.graph.node:
+        raise UsageError(f"{what} (no graph nodes)")
+    return model
 
 
 def _check_ensemble(folder, m, models, problems):
