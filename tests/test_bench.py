@@ -163,6 +163,7 @@ def test_random_init_from_config_folder(tmp_path):
     (["--model", "{pred}", "--backend", "onnx-trt-ep"], "onnx-trt-ep (ONNX Runtime's TensorRT execution provider) needs --device cuda"),
     (["--model", "{pred}", "--seq-lens", "600"], "--seq-lens 600 exceeds what"),
     (["--model", "{pred}", "--batch-sizes", "1,x"], "--batch-sizes takes comma-separated integers"),
+    (["--model", "{pred}", "--seq-lens", "16,32,16"], "--seq-lens lists 16 more than once"),
     (["--model", "{pred}", "--check", "nope.json"], "baseline not found"),
     (["--model", "{pred}", "--model", "{pred}", "--layers", "1", "--layers", "2", "--layers", "3"], "--layers"),
 ])

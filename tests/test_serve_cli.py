@@ -198,6 +198,22 @@ def test_loadtest_output_holds_its_run_config(fake_triton, tmp_path, synthetic_g
     assert cfg["data_dir"] == str(synthetic_glue) and cfg["output"] == str(tmp_path / "out") and cfg["task"] == "sst2"
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--name", "x", "--name", "y", "--concurrency", "1,4,1"], "--concurrency lists 1 more than once"),
+    (["--name", "a", "--name", "a"], "--name a is given twice"),
+    ([], "the same server twice"),
+])
+def test_loadtest_refuses_a_level_or_server_given_twice(fake_triton, tmp_path, synthetic_glue, args, msg):
+    """Each level and each server once: `--concurrency 1,1` reported every row twice with both levels' requests
+    summed into each, two equal --name (or a URL given twice without names) merged two servers' rows."""
+    fake_triton.stats = json.dumps(GOOD_STATS).encode()
+    url = f"http://127.0.0.1:{fake_triton.server_address[1]}"
+    r = run_cli(["loadtest", url, url, "--output", tmp_path / "out", "--data-dir", synthetic_glue, "--requests", "3",
+                 "--seconds", "2", "--warmup", "0", *args], tmp_path)
+    assert_one_line_error(r, msg)
+    assert getattr(fake_triton, "posts", 0) == 0 and not (tmp_path / "out").exists()
+
+
 def test_loadtest_holds_its_output_lock_for_the_whole_run(fake_triton, tmp_path, synthetic_glue):
     """A second live run on the same --output is refused before it sends anything (it used to run the
     whole load test and take the lock only to write, then fail or, with --overwrite, replace the first's)."""

@@ -143,6 +143,12 @@ def run_loadtest(cfg) -> dict:
     if cfg.names and len(cfg.names) != len(cfg.urls):
         raise UsageError(f"--name: give one per URL ({len(cfg.urls)}), got {len(cfg.names)}")
     names = list(cfg.names) or [f"{h}:{p}" for h, p in targets]
+    # Rows are keyed by name: two equal names (a URL given twice without --name) merged two servers' rows.
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice and cfg.names:
+        raise UsageError(f"--name {', '.join(twice)} is given twice: give each server its own name")
+    if twice:
+        raise UsageError(f"{', '.join(twice)} is the same server twice: give each URL once, or a --name per URL")
     levels = parse_ints(cfg.concurrency, "--concurrency")
     if max(levels) > 512:
         raise UsageError(f"--concurrency: at most 512 clients, got {max(levels)}")
