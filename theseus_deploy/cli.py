@@ -19,6 +19,7 @@ import click
 from . import __version__
 from . import config as C
 from .errors import UsageError
+from .io import DATA_DIR_ENV
 
 
 _DISK_FULL = "No space left on device"
@@ -165,8 +166,10 @@ def options_from(cls, required: tuple[str, ...] = ()):
 @click.version_option(__version__, prog_name="theseus-deploy")
 def cli():
     """Compress a fine-tuned BERT-family classifier with BERT-of-Theseus, export it, and benchmark it."""
-    if not os.environ.get("THESEUS_DATA_DIR") and workspace_data_dir():
-        os.environ["THESEUS_DATA_DIR"] = workspace_data_dir()
+    if not os.environ.get(DATA_DIR_ENV):
+        found = workspace_data_dir()
+        if found:
+            os.environ[DATA_DIR_ENV] = found
 
 
 @cli.command()

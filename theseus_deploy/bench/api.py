@@ -44,10 +44,16 @@ def parse_ints(text: str, flag: str) -> list[int]:
         raise UsageError(f"{flag} takes comma-separated integers, got '{text}'") from None
     if not vals or min(vals) < 1:
         raise UsageError(f"{flag} needs positive integers, got '{text}'")
-    twice = sorted({v for v in vals if vals.count(v) > 1})
+    twice = repeated(vals)
     if twice:  # a value twice was run twice and reported twice (loadtest: each row with both runs summed)
         raise UsageError(f"{flag} lists {', '.join(map(str, twice))} more than once: give each value once")
     return vals
+
+
+def repeated(values) -> list:
+    """The values that occur more than once in `values`, sorted."""
+    values = list(values)
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def _has_weights(path: Path) -> bool:

@@ -174,7 +174,9 @@ def export_repository(cfg) -> dict:
         for fmt in artifacts:
             suffix, platform, file, _ = CLASSIFIERS[fmt]
             path = folder.resolve(fmt)  # listed, confined, hashed
-            if platform == "onnxruntime_onnx":  # a file that is not what its format says: named, before it is copied
+            # a user's export folder: a file that is not what its format says is named, before it is copied
+            # (one exported just now was validated by export_model; validate_repository parses the copies)
+            if platform == "onnxruntime_onnx" and export_dir == src:
                 _load_onnx(path, f"{path}: not an ONNX graph for {fmt}")
             shutil.copy(path, tmp / f"{NAME}_{suffix}" / "1" / file)
         tok_dir = tmp / f"{NAME}_tokenizer" / "1"

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from theseus_deploy import config as C
-from theseus_deploy.bench.api import parse_ints
+from theseus_deploy.bench.api import parse_ints, repeated
 from theseus_deploy.bench.env import environment
 from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
@@ -144,7 +144,7 @@ def run_loadtest(cfg) -> dict:
         raise UsageError(f"--name: give one per URL ({len(cfg.urls)}), got {len(cfg.names)}")
     names = list(cfg.names) or [f"{h}:{p}" for h, p in targets]
     # Rows are keyed by name: two equal names (a URL given twice without --name) merged two servers' rows.
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = repeated(names)
     if twice and cfg.names:
         raise UsageError(f"--name {', '.join(twice)} is given twice: give each server its own name")
     if twice:
