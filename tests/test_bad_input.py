@@ -46,6 +46,12 @@ def _tree(root: Path) -> dict:
     return out
 
 
+def _dir_times(root: Path) -> dict:
+    """The mtime of root and of every folder below it: a file made and removed again (a lock file)
+    leaves the tree as it was but not its folder's mtime."""
+    return {str(p): p.stat().st_mtime_ns for p in [root, *sorted(root.rglob("*"))] if p.is_dir()}
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from safetensors.torch import load_file, save_file
@@ -178,6 +184,10 @@ CASES = [
      "--output {glue:good}/SST-2 --overwrite", "lies inside the input folder"),
     ("out-inside-data-ev", "evaluate --model {M:base} --task sst2 --data-dir {glue:good} "
      "--output {glue:good}/SST-2/dev.tsv --overwrite", "lies inside the input folder"),
+    # bench's --output holds a config.json (so it read as "the model folder"), and a baseline inside it was
+    # accepted while that folder did not exist yet, then deleted by the next `--overwrite`
+    ("baseline-inside-bench-out", "bench --model {M:base} --batch-sizes 1 --seq-lens 8 --output {out} "
+     "--update-baseline {out}/baseline.json", "the --output folder, which --overwrite replaces whole"),
     ("eval-out-is-model", "evaluate --model {M:base} {toy} --output {M:base}", "would replace"),
     # a bare encoder loads with a new random head: evaluate scored it (0.58 on MRPC), export failed its own
     # validation (two different random heads), bench timed it and sweep scored it as the predecessor
@@ -232,10 +242,15 @@ def test_bad_input_one_line_exit_2_nothing_written(case, env, tmp_path):
     models_before = {n: _tree(p) for n, p in env["models"].items()}
     data_before = _tree(env["d"])
     tree_before = _tree(tmp_path)
+    inputs = [env["d"], *env["models"].values(), *env["glue"].values()]
+    times_before = [_dir_times(p) for p in inputs]
     r = CliRunner().invoke(cli, _argv(template, env, out))
     _check_one_error(r, msg)
     assert _tree(tmp_path) == tree_before  # nothing new beside the output: no folder, temp dir or lock file
     assert _tree(env["d"]) == data_before and {n: _tree(p) for n, p in env["models"].items()} == models_before
+    # not even for a moment: an output refused for lying inside the model (or data) folder made its
+    # lock file there first, then removed it
+    assert [_dir_times(p) for p in inputs] == times_before
 
 
 def test_output_dot_is_refused_cleanly(env, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from .errors import UsageError
-from .io import RANK_VARS, _rank, argument_getter, env_int, output_lock
+from .io import RANK_VARS, _rank, argument_getter, env_int, output_lock, protected_getter
 
 # The variables accelerate reads (accelerate.utils.environment.get_cpu_distributed_information):
 # torchrun / accelerate launch, Intel MPI / MPICH (PMI_*), Open MPI, MVAPICH. SLURM's SLURM_PROCID
@@ -158,13 +158,13 @@ def set_rng_state(s: dict) -> None:
     random.setstate((3, tuple(internal), gauss))
 
 
-def locks_output(arg: str = "cfg.output"):
+def locks_output(arg: str = "cfg.output", protected=None):
     """Decorator (io.locks_output for commands that may run under a launcher): the process group is
     started first, then only the main process takes the output lock, and every rank learns whether
     it got it, so a refused run stops on every rank with the same one-line error (before: the rank
     came from RANK, unset under mpirun until accelerate ran, and both ranks raced for the lock)."""
     def decorate(fn):
-        get = argument_getter(fn, arg)
+        get, inputs = argument_getter(fn, arg), protected_getter(fn, arg, protected)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
@@ -173,13 +173,13 @@ def locks_output(arg: str = "cfg.output"):
                 return fn(*args, **kwargs)
             st = state()
             if st.num_processes == 1:
-                with output_lock(value):
+                with output_lock(value, protected=inputs(args, kwargs)):
                     return fn(*args, **kwargs)
             with contextlib.ExitStack() as stack:
                 refused = None
                 if st.is_main_process:
                     try:
-                        stack.enter_context(output_lock(value))
+                        stack.enter_context(output_lock(value, protected=inputs(args, kwargs)))
                     except UsageError as e:
                         refused = str(e)
                 refused = broadcast(refused)

@@ -116,14 +116,22 @@ def check_not_inside(output: str | os.PathLike, protected=(), what: str = "--out
     out = _abs(output).resolve()
     if out == out.parent:
         raise UsageError(f"{what} cannot be the file system root")
-    inputs = [*protected, os.environ.get(DATA_DIR_ENV)]
-    for p in [Path.cwd(), *[q for q in inputs if q and os.path.exists(q)]]:
+    # A protected entry may be `(path, what it is)`: another output of the same run (bench's
+    # --output for its --update-baseline), protected whether or not it exists yet, and named by what
+    # it is, not by its contents (bench's output holds a config.json, so it would read as a model).
+    named = [(Path.cwd(), "the current folder")]
+    for q in [*protected, os.environ.get(DATA_DIR_ENV)]:
+        q, label = q if isinstance(q, tuple) else (q, None)
+        if q and (label or os.path.exists(q)):
+            named.append((q, label))
+    for i, (p, label) in enumerate(named):
         src = _abs(p).resolve()
         if src == out or out in src.parents:
-            name = "the current folder" if p == Path.cwd() else str(p)
-            raise UsageError(f"{what} {output} would replace {name}" + ("" if src == out else " (it lies inside it)")
-                             + ": choose another output")
-        if p != Path.cwd() and src in out.parents and src.is_dir():
+            raise UsageError(f"{what} {output} would replace {label if i == 0 else p}"
+                             + ("" if src == out else " (it lies inside it)") + ": choose another output")
+        if i and src in out.parents and (label or src.is_dir()):
+            if label:
+                raise UsageError(f"{what} {output} lies inside {p}, {label}: choose another path")
             kind = "the model folder" if _is_model_folder(src) else "the input folder"
             raise UsageError(f"{what} {output} lies inside {kind} {p}: a run never writes into its "
                              "inputs; choose another path")
@@ -201,12 +209,17 @@ def env_int(names, default: int) -> int:
 
 
 @contextlib.contextmanager
-def output_lock(output: str | os.PathLike, what: str = "--output"):
+def output_lock(output: str | os.PathLike, what: str = "--output", protected=None):
     """Hold an exclusive, OS-released lock on `output` for the duration; UsageError if another live
     process holds it. Re-entrant within a process; under a multi-process launch only global rank 0
     takes it (the ranks of one run share the output). Parent folders it had to create for the lock
-    file are removed again if they are still empty at the end (a failed run creates nothing)."""
+    file are removed again if they are still empty at the end (a failed run creates nothing).
+    `protected` (the run's inputs, as for check_not_inside) is checked before the lock file is made:
+    an output refused for lying inside the model folder made `.NAME.lock` there first (and `bench
+    --output O --update-baseline O/b.json` made O for that lock, then reported O as not empty)."""
     out = check_path(output, what)  # before anything is created for the lock
+    if protected is not None:
+        check_not_inside(output, protected, what)
     created = []
     d = out.parent
     while not d.exists():
@@ -296,18 +309,26 @@ def argument_getter(fn, arg: str):
     return get
 
 
-def locks_output(arg: str = "output", what: str = "--output"):
+def protected_getter(fn, arg: str, protected):
+    """A function of (args, kwargs) giving `protected(root)`, root being the argument `arg` names
+    ("cfg" of "cfg.output"); None without `protected`."""
+    root = argument_getter(fn, arg.partition(".")[0])
+    return lambda args, kwargs: None if protected is None else protected(root(args, kwargs))
+
+
+def locks_output(arg: str = "output", what: str = "--output", protected=None):
     """Decorator: the function runs under `output_lock` of its argument `arg` ("output", or "cfg.output"
-    for an attribute of an argument); no lock when that value is None."""
+    for an attribute of an argument); no lock when that value is None. `protected`: a function of
+    that argument ("cfg") giving the run's inputs, refused as the output's place before the lock."""
     def decorate(fn):
-        get = argument_getter(fn, arg)
+        get, inputs = argument_getter(fn, arg), protected_getter(fn, arg, protected)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             value = get(args, kwargs)
             if value is None:
                 return fn(*args, **kwargs)
-            with output_lock(value, what):
+            with output_lock(value, what, inputs(args, kwargs)):
                 return fn(*args, **kwargs)
 
         return wrapper

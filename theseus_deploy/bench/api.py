@@ -129,8 +129,19 @@ def model_backends(spec: dict, asked: list, device: str) -> list:
     return runnable
 
 
-@locks_output("cfg.update_baseline", what="--update-baseline")
-@locks_output("cfg.output")
+def bench_inputs(cfg) -> list:
+    """What a bench reads: its outputs may not be (or lie inside) any of these."""
+    return [*cfg.models, cfg.check, cfg.data_dir, cfg.train_file, cfg.validation_file]
+
+
+def baseline_protected(cfg) -> list:
+    """--update-baseline: the inputs, and the --output folder (replaced whole by the next --overwrite,
+    and holding a config.json, so it must not be named "the model folder")."""
+    return [*bench_inputs(cfg), (cfg.output, "the --output folder, which --overwrite replaces whole")]
+
+
+@locks_output("cfg.update_baseline", what="--update-baseline", protected=baseline_protected)
+@locks_output("cfg.output", protected=bench_inputs)
 def run_bench(cfg, show_progress: bool = True) -> dict:
     """The whole bench of a BenchConfig; returns results.json's content (with `gate` when --check)."""
     asked = list(dict.fromkeys(cfg.backends))
@@ -139,10 +150,10 @@ def run_bench(cfg, show_progress: bool = True) -> dict:
     if cfg.check is not None:  # the baseline is read (and refused) now, not after the bench ran
         load_baseline(cfg.check)
     task, train_file = cfg.task, cfg.train_file
-    inputs = [*cfg.models, cfg.check, cfg.data_dir, train_file, cfg.validation_file]
-    check_output_dir(cfg.output, cfg.overwrite, protected=inputs)
+    check_output_dir(cfg.output, cfg.overwrite, protected=bench_inputs(cfg))
     if cfg.update_baseline is not None:  # the same rules as --output (inputs, --overwrite, atomic, lock), checked now
-        check_output_file(cfg.update_baseline, cfg.overwrite, protected=[*inputs, cfg.output], what="--update-baseline")
+        check_output_file(cfg.update_baseline, cfg.overwrite, protected=baseline_protected(cfg),
+                          what="--update-baseline")
     work = Path(tempfile.mkdtemp(prefix="theseus-bench-"))
     try:
         specs = resolve_models(list(cfg.models), list(cfg.layers), work)

@@ -71,7 +71,12 @@ def _runner(fmt, path: Path | None, model_dir: str, cfg, vocab_size: int):
     return cls.open(spec, path, device, threads=cfg.threads, vocab_size=vocab_size)
 
 
-@locks_output("cfg.output")
+def export_inputs(cfg) -> list:
+    """What an export reads: its output may not be (or lie inside) any of these."""
+    return [cfg.model, cfg.data_dir, cfg.calibration.file]
+
+
+@locks_output("cfg.output", protected=export_inputs)
 def export_model(cfg) -> dict:
     """Export `cfg.model` to every format of `cfg.formats` (an ExportConfig) in `cfg.output`; returns the manifest."""
     model_dir, output, profile_cfg = cfg.model, cfg.output, cfg.profile
@@ -118,7 +123,7 @@ def export_model(cfg) -> dict:
     for b in builders.values():
         if b:
             b.prepare(cfg, ctx)
-    check_output_dir(output, cfg.overwrite, protected=[model_dir, cfg.data_dir, cfg.calibration.file])
+    check_output_dir(output, cfg.overwrite, protected=export_inputs(cfg))
     # The model and tokenizer load (and are checked: weights match the config, finite) before any file is written.
     reference_model, tokenizer = load_classifier(model_dir), load_tokenizer(model_dir)
     check_tokenizer_fits(model_dir, config, tokenizer)

@@ -36,7 +36,7 @@ from theseus_deploy.io import atomic_output_dir, check_output_dir, write_json
 from theseus_deploy.loyalty import describe
 from theseus_deploy.registry import WRITERS
 
-from .api import export_model
+from .api import export_inputs, export_model
 
 NAME = "text_classifier"
 ONNX_DTYPES = {1: "TYPE_FP32", 6: "TYPE_INT32", 7: "TYPE_INT64", 10: "TYPE_FP16", 9: "TYPE_BOOL"}
@@ -135,7 +135,7 @@ def export_repository(cfg) -> dict:
         raise UsageError(f"{model} is not a model folder or an export folder (no config.json)")
     if max_length < 8:
         raise UsageError(f"--triton-max-length must be at least 8, got {max_length}")
-    protected = [model, cfg.data_dir, cfg.calibration.file]
+    protected = export_inputs(cfg)
     check_output_dir(output, overwrite, protected=protected)  # never the source model, even with --overwrite
 
     require("export --format triton", "tritonclient.grpc.model_config_pb2")  # before any work

@@ -20,7 +20,7 @@ from ..loyalty import describe
 from ..metrics import compute_metrics
 from ..modeling import TheseusModel
 from ..schedulers import make_scheduler
-from .common import log, predict, print_table, say
+from .common import log, predict, print_table, protected_inputs, say
 from .loop import Run
 
 
@@ -136,7 +136,7 @@ class CompressRecipe(Run):
         return self
 
 
-@dist.locks_output("cfg.output")  # held for the whole run, O.partial/ included
+@dist.locks_output("cfg.output", protected=protected_inputs)  # held for the whole run, O.partial/ included
 def run_compress(cfg: C.CompressConfig):
     r = CompressRecipe(cfg).setup().train()
     if r.paused:

@@ -19,7 +19,7 @@ from ..metrics import compute_metrics
 from .common import predict, print_table, protected_inputs
 
 
-@dist.locks_output("cfg.output")
+@dist.locks_output("cfg.output", protected=protected_inputs)
 def run_evaluate(cfg: C.EvaluateConfig) -> dict:
     # setup: everything that can be refused before a model is scored
     st = dist.state()

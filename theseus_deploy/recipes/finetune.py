@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..hf import load_classifier, model_input_names
 from ..loyalty import describe
 from ..modeling import find_layers, truncate
-from .common import log, predict, print_table, say
+from .common import log, predict, print_table, protected_inputs, say
 from .loop import Run
 
 
@@ -125,7 +125,7 @@ class FinetuneRecipe(Run):
         return self
 
 
-@dist.locks_output("cfg.output")  # held for the whole run, O.partial/ included
+@dist.locks_output("cfg.output", protected=protected_inputs)  # held for the whole run, O.partial/ included
 def run_finetune(cfg: C.FinetuneConfig):
     r = FinetuneRecipe(cfg).setup().train()
     if r.paused:

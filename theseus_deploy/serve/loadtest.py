@@ -135,7 +135,7 @@ def server_stats(host: str, port: int, model: str, name: str = "") -> dict | Non
 
 # Held for the whole run, as every command's (README, one run per output): taken only to write, a second
 # run on the same --output loaded the servers in full and then failed, or with --overwrite replaced the first's.
-@locks_output("cfg.output")
+@locks_output("cfg.output", protected=lambda cfg: [cfg.data_dir])
 def run_loadtest(cfg) -> dict:
     if not cfg.urls:
         raise UsageError("give at least one server URL (e.g. http://127.0.0.1:8000)")

@@ -208,12 +208,17 @@ def run_sweep(cfg, show_progress: bool = True) -> dict:
         torch.set_num_threads(before)
 
 
-@locks_output("cfg.output")
+def sweep_inputs(cfg) -> list:
+    """What a sweep reads: DIR holds trained models and is replaced by --overwrite, so never one that
+    is, or holds, or lies inside, one of these."""
+    return [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file]
+
+
+@locks_output("cfg.output", protected=sweep_inputs)
 def _run_sweep(cfg, show_progress: bool) -> dict:
     # ---- everything that can fail on bad input fails here, before anything is written
     out = Path(cfg.output)
-    # DIR holds trained models and is replaced by --overwrite: never one that is, or holds, the inputs
-    check_not_inside(out, [cfg.model, cfg.data_dir, cfg.train_file, cfg.validation_file])
+    check_not_inside(out, sweep_inputs(cfg))
     budget = parse_latency(cfg.latency_budget) if cfg.latency_budget is not None else None
     if cfg.traffic:
         mode = {"kind": "traffic", "max_length": max(EVAL_MAX_LENGTH, cfg.max_seq_length),
