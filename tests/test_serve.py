@@ -188,7 +188,8 @@ BINARY = {"Content-Type": "application/octet-stream"}
 
 @pytest.mark.parametrize("case", ["wrong tensor name", "wrong datatype", "batch over the limit", "malformed JSON",
                                   "non-string", "empty text", "binary: empty text", "binary: size mismatch",
-                                  "binary: not UTF-8", "binary without its header length"])
+                                  "binary: not UTF-8", "binary without its header length", "classification output",
+                                  "body over 4 MB"])
 def test_bad_request_is_refused_and_server_keeps_serving(server, case):
     from test_serve_cli import binary_request
 
@@ -211,12 +212,17 @@ def test_bad_request_is_refused_and_server_keeps_serving(server, case):
             "batch over the limit": infer_json(["x"] * 9),
             "malformed JSON": b'{"inputs": [{"name": ',
             "non-string": json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [5]}]}).encode(),
-            "empty text": infer_json(["  "])}[case]
+            "empty text": infer_json(["  "]),
+            # measured before the gateway refused them: each one made tritonserver exit, and `serve` with it
+            "classification output": json.dumps({"inputs": json.loads(infer_json(["x"]))["inputs"],
+                                                 "outputs": [{"name": "label", "parameters": {"classification": 2}}]}).encode(),
+            "body over 4 MB": infer_json(["word " * 1_200_000])}[case]  # 6 MB
     status, answer = post(port, body)
     expected = {"wrong tensor name": "expected exactly one input named 'text'", "wrong datatype": "datatype BYTES",
                 "batch over the limit": "at most 8", "malformed JSON": "malformed JSON",
-                "non-string": "text 0 is not a string", "empty text": "text 0 is empty"}[case]
-    assert status == 400 and expected in answer.get("error", ""), (status, answer)
+                "non-string": "text 0 is not a string", "empty text": "text 0 is empty",
+                "classification output": "classification", "body over 4 MB": "at most"}[case]
+    assert status == (413 if case == "body over 4 MB" else 400) and expected in answer.get("error", ""), (status, answer)
     status, ok = post(port, infer_json([TEXTS[0]]))
     assert status == 200 and outputs(ok)[0][0]
 
@@ -371,6 +377,30 @@ def test_sigterm_stops_everything(server):
     left = [(p, psutil.Process(p).cmdline()[:3]) for p in server["pids"]
             if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"processes left after SIGTERM: {left}"
+
+
+def test_triton_dying_while_serving_ends_serve_with_an_error_and_its_processes(export_dir, tmp_path):
+    """Triton gone while serving (as after the crashes the gateway now refuses; here SIGKILL). Measured
+    before: `serve` exited 0 without a word, and the Python-backend stub with its two helper
+    processes lived on, re-parented (they were only looked for under a running tritonserver)."""
+    info = start_server(export_dir, tmp_path / "server.log")
+    try:
+        proc = info["proc"]
+        tritons = [c for c in psutil.Process(proc.pid).children() if "tritonserver" in " ".join(c.cmdline()[:1])]
+        assert tritons, "no tritonserver child found"
+        tritons[0].kill()
+        assert proc.wait(60) == 1
+        last = info["log"].read_text().strip().splitlines()[-1]
+        assert last.startswith("error: Triton exited while serving"), last
+        deadline = time.time() + 10
+        while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                             for p in info["pids"]):
+            time.sleep(0.2)
+        left = [(p, psutil.Process(p).cmdline()[:1]) for p in info["pids"]
+                if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"processes left after Triton died: {left}"
+    finally:
+        stop_server(info)
 
 
 def test_overloaded_queue_is_rejected_at_once(export_dir, tmp_path):

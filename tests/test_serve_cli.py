@@ -315,3 +315,72 @@ def test_serve_of_a_model_that_is_not_a_fine_tuned_classifier_is_refused(backend
     assert_one_line_error(r, f"model '{bare}' is not a fine-tuned classifier (architectures: BertModel)",
                           "serve answers with a classifier's labels")
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_request_fields_triton_answers_500_or_dies_on_are_refused():
+    """Measured on Triton 2.51 behind the gateway before this check: `classification` on an output
+    killed the server (Triton's classification extension on the BYTES `label`: tritonserver exited,
+    `serve` with it); an `outputs` that is not a list of named objects, request `parameters` that are
+    not an object, a non-string `id` and a lone surrogate in a text were answered 500."""
+    def req(text="a film", **fields):
+        return json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": [text]}],
+                           **fields}).encode()
+
+    good = req(id="r1", parameters={"priority": 1},
+               outputs=[{"name": "label", "parameters": {"binary_data": False}}, {"name": "score"}])
+    assert check_infer_body(good, "text", 8) is None
+    cases = {
+        "classification": (req(outputs=[{"name": "label", "parameters": {"classification": 2}}]), "classification"),
+        "outputs not a list": (req(outputs="label"), "'outputs' must be a list"),
+        "output without a name": (req(outputs=[{}]), "output 0 must be an object with a 'name'"),
+        "output not an object": (req(outputs=[1]), "output 0 must be an object with a 'name'"),
+        "output parameters not an object": (req(outputs=[{"name": "label", "parameters": 1}]), "parameters must be a JSON object"),
+        "request parameters not an object": (req(parameters="x"), "request 'parameters' must be a JSON object"),
+        "id not a string": (req(id=5), "'id' must be a string"),
+        "lone surrogate": (req("\ud800 film"), "text 0 is not valid UTF-8"),
+    }
+    for name, (body, expected) in cases.items():
+        msg = check_infer_body(body, "text", 8)
+        assert msg is not None and expected in msg, (name, msg)
+    binary, n = binary_request([b"x"])
+    header = json.loads(binary[:int(n)])
+    header["outputs"] = [{"name": "label", "parameters": {"classification": 1}}]
+    h = json.dumps(header).encode()
+    assert "classification" in (check_infer_body(h + binary[int(n):], "text", 8, str(len(h))) or "")
+
+
+def test_gateway_answers_json_for_a_body_too_large_and_for_a_triton_that_is_gone():
+    """The gateway alone, its upstream port closed. Measured before: a body of 4,194,204 bytes (a
+    4,150,000-byte one was served) made Triton 2.51's HTTP frontend crash (SIGSEGV), and with Triton
+    gone the gateway answered aiohttp's text/plain 500 (`Server got itself in trouble`) and logged a
+    traceback per request."""
+    pytest.importorskip("aiohttp")
+    import urllib.error
+    import urllib.request
+
+    from theseus_deploy.serve.gateway import Gateway
+
+    port = free_port()
+    gateway = Gateway("127.0.0.1", port, free_port(), "text_classifier", "text", 8)
+    gateway.start()
+
+    def post(path, body):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.headers.get("Content-Type"), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type"), e.read()
+
+    try:
+        good = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["x"]}]}).encode()
+        for path, body, status, expected in [
+                ("/v2/models/text_classifier/infer", good[:-1] + b" " * (4_194_204 - len(good)) + b"}", 413, "at most"),
+                ("/v2/repository/index", b" " * 4_194_204, 413, "at most"),
+                ("/v2/models/text_classifier/infer", good, 502, "Triton"),
+                ("/v2/health/ready", b"", 502, "Triton")]:
+            code, ctype, payload = post(path, body or None)
+            assert code == status and ctype.startswith("application/json"), (path, code, ctype, payload[:200])
+            assert expected in json.loads(payload)["error"], (path, payload[:200])
+    finally:
+        gateway.stop()

@@ -8,6 +8,12 @@ empty texts) and answers 400 with one clear message; a good request is forwarded
 (the body as received) to Triton on an internal loopback port, and so is every other path
 (health, metadata, statistics). An overloaded queue is Triton's answer (503-class) passed on.
 gRPC clients talk to Triton directly.
+
+Requests that made Triton 2.51 itself exit (measured; `serve` then ends, see Server.wait) are
+refused here: `classification` on a requested output (Triton's classification extension on the
+BYTES `label`; over gRPC `class_count` does the same, and there is no front there), and a body
+over MAX_BODY_BYTES (413). Triton's own 500s for a malformed `outputs`, `parameters` or `id`
+and for a lone surrogate in a text are 400s here. With Triton gone the answer is a JSON 502.
 """
 from __future__ import annotations
 
@@ -24,6 +30,10 @@ FORWARDED_RESPONSE_HEADERS = ("content-type", "inference-header-content-length",
 
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# Measured on Triton 2.51's HTTP frontend: a 4,194,204-byte JSON body (and 6 MB ones) made tritonserver
+# crash (SIGSEGV; triton-inference-server/server#5840), 4,150,000 bytes were served. Bodies above this
+# (after any Content-Encoding is undone) are refused with 413, whatever the path.
+MAX_BODY_BYTES = 4_000_000
 
 
 def split_bytes_tensor(raw: bytes) -> list[bytes] | None:
@@ -66,6 +76,9 @@ def check_infer_body(body: bytes, input_name: str, max_batch_size: int, header_l
         return f"malformed JSON: {e}{hint}"
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         return "the body must be a JSON object with a non-empty 'inputs' list (KServe v2)"
+    msg = check_request_fields(req)
+    if msg is not None:
+        return msg
     names = [i.get("name") if isinstance(i, dict) else None for i in req["inputs"]]
     if names != [input_name]:
         return f"expected exactly one input named '{input_name}', got {names}"
@@ -108,8 +121,35 @@ def check_infer_body(body: bytes, input_name: str, max_batch_size: int, header_l
                 return f"text {i} is not valid UTF-8"
         if not isinstance(t, str):
             return f"text {i} is not a string ({type(t).__name__})"
+        try:
+            t.encode("utf-8")  # a JSON "\ud800" decodes to a lone surrogate: no UTF-8 text (Triton: 500)
+        except UnicodeEncodeError:
+            return f"text {i} is not valid UTF-8"
         if not t.strip():
             return f"text {i} is empty"
+    return None
+
+
+def check_request_fields(req: dict) -> str | None:
+    """None if the request's `id`, `parameters` and `outputs` are as KServe v2 has them, else the
+    message of a 400. Measured on Triton 2.51: each malformed one below was a 500, and `classification`
+    on an output made tritonserver exit."""
+    if "id" in req and not isinstance(req["id"], str):
+        return f"the request 'id' must be a string, got {type(req['id']).__name__}"
+    if not isinstance(req.get("parameters", {}), dict):
+        return f"the request 'parameters' must be a JSON object, got {type(req['parameters']).__name__}"
+    outputs = req.get("outputs", [])
+    if not isinstance(outputs, list):
+        return f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}"
+    for i, out in enumerate(outputs):
+        if not (isinstance(out, dict) and isinstance(out.get("name"), str)):
+            return f"output {i} must be an object with a 'name' (label or score), got {out!r}"[:300]
+        params = out.get("parameters", {})
+        if not isinstance(params, dict):
+            return f"output '{out['name']}' parameters must be a JSON object, got {type(params).__name__}"
+        if "classification" in params:
+            return (f"output '{out['name']}': the classification extension is not served (it stops Triton on this "
+                    f"model); the 'label' and 'score' outputs are the classification")
     return None
 
 
@@ -126,19 +166,35 @@ class Gateway:
         self.error = None
 
     async def _handle(self, request):
+        import aiohttp
         from aiohttp import web
 
-        body = await request.read()  # aiohttp has undone a Content-Encoding (gzip, deflate) already
+        too_large = web.json_response({"error": f"the request body is larger than {MAX_BODY_BYTES} bytes: send at "
+                                                f"most {MAX_BODY_BYTES} bytes (split the texts over several requests)"},
+                                      status=413)
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return too_large
+        try:
+            body = await request.read()  # aiohttp has undone a Content-Encoding (gzip, deflate) already
+        except web.HTTPRequestEntityTooLarge:  # client_max_size: the decompressed body, or a chunked one
+            return too_large
+        if len(body) > MAX_BODY_BYTES:
+            return too_large
         if request.method == "POST" and request.path.rstrip("/") in self.infer_paths:
             msg = check_infer_body(body, self.input_name, self.max_batch_size, request.headers.get(HEADER_LENGTH))
             if msg is not None:
                 return web.json_response({"error": msg}, status=400)
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
-        async with self.session.request(request.method, self.upstream + request.path_qs, data=body or None,
-                                        headers=headers) as resp:
-            payload = await resp.read()
-            out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
-            return web.Response(body=payload, status=resp.status, headers=out_headers)
+        try:
+            async with self.session.request(request.method, self.upstream + request.path_qs, data=body or None,
+                                            headers=headers) as resp:
+                payload = await resp.read()
+                out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
+                return web.Response(body=payload, status=resp.status, headers=out_headers)
+        except aiohttp.ClientError as e:
+            # Triton gone (it exited; serve is stopping): measured before, aiohttp's text/plain 500 and a traceback per request
+            return web.json_response({"error": f"Triton is not answering ({type(e).__name__}): the server is "
+                                               f"stopping or has failed"}, status=502)
 
     async def _main(self):
         import aiohttp
@@ -148,7 +204,7 @@ class Gateway:
         # no Accept-Encoding of aiohttp's own, no decompression here.
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024, keepalive_timeout=60),
                                              auto_decompress=False, skip_auto_headers=("Accept-Encoding",))
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()

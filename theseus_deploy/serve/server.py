@@ -209,6 +209,8 @@ class Server:
         self.triton = None
         self.gateway = None
         self.started_processes = []  # psutil.Process of the children Triton.run() started (see stop)
+        self.tree = []  # their descendants as last seen (see wait)
+        self.log_mark = 0  # length of Triton's log when ready
 
     def start(self) -> "Server":
         try:
@@ -277,6 +279,9 @@ class Server:
                         self.started_processes.append(proc)
                 except psutil.Error:
                     pass
+        self._see_tree()
+        server = getattr(self.triton, "_triton_server", None)
+        self.log_mark = len(server.logs() or "") if server is not None else 0
         if cfg.http_gateway:
             self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
             self.gateway.start()
@@ -312,20 +317,46 @@ class Server:
     def url(self) -> str:
         return f"http://{self.cfg.host}:{self.cfg.http_port}"
 
+    def _see_tree(self) -> None:
+        """Remember the descendants of the tritonserver this server started (Python-backend stubs and
+        their helpers): when tritonserver dies they are re-parented and no longer found under it."""
+        import psutil
+
+        seen = {p.pid: p for p in self.tree}
+        for proc in self.started_processes:
+            try:
+                for child in proc.children(recursive=True):
+                    seen.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+        self.tree = list(seen.values())
+
     def wait(self):
-        """Serve until SIGINT/SIGTERM or until the server dies, then stop."""
+        """Serve until SIGINT/SIGTERM or until the server dies, then stop. Triton gone by itself is an
+        error (TritonExited): measured before, a request that killed tritonserver made `serve` exit 0
+        without a word, leaving the Python-backend stub and its helpers running."""
         def _interrupt(signum, frame):
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, _interrupt)
+        died, reason, ticks = False, "", 0
         try:
             while self.triton.is_alive():
                 time.sleep(0.5)
+                ticks += 1
+                if ticks % 10 == 0:
+                    self._see_tree()
+            died = True
+            server = getattr(self.triton, "_triton_server", None)
+            reason = _triton_error((server.logs() or "")[self.log_mark:], crash=True) if server is not None else ""
         except KeyboardInterrupt:
             LOG.info("signal received, stopping")
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.stop()
+        if died:
+            raise TritonExited(f"Triton exited while serving ({reason or 'no reason in its log'}); every process of "
+                               f"this server was stopped")
 
     def stop(self):
         """Stop Triton, then wait for every process it started and kill those still alive after
@@ -351,11 +382,14 @@ class Server:
                         procs += [proc, *proc.children(recursive=True)]
                 except psutil.Error:
                     pass
+            known = {p.pid for p in procs}
+            procs += [p for p in self.tree if p.pid not in known and p.is_running()]  # is_running: same process, not a reused pid
             try:
                 self.triton.stop()
             finally:
                 self.triton = None
                 self.started_processes = []
+                self.tree = []
                 _, alive = psutil.wait_procs(procs, timeout=self.cfg.exit_timeout_secs + 10)
                 for proc in alive:
                     LOG.warning("killing leftover process %d (%s)", proc.pid, proc.name())
@@ -372,11 +406,14 @@ class Server:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _triton_error(logs: str) -> str:
+def _triton_error(logs: str, crash: bool = False) -> str:
     """The last error line of Triton's log (`E1201 09:57:20.933649 8074 main.cc:245] "failed to start GRPC
-    service: ..."`) without its prefix, else its last line."""
+    service: ..."`) without its prefix, else its last line. `crash`: a `Signal (11) received.` line
+    counts as an error line (what a crashed tritonserver printed, before its stack trace)."""
     lines = [line.strip() for line in (logs or "").splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"E\d{4} ", line)]
+    errors = [line for line in lines if re.match(r"E\d{4} ", line) or (crash and re.match(r"Signal \(\d+\) received", line))]
+    if crash and not errors:
+        return ""
     line = (errors or lines or ["no log"])[-1]
     return line.split("] ", 1)[-1].strip().strip('"').strip()
 
@@ -408,6 +445,16 @@ def run_serve(cfg) -> None:
     click.echo(f"  HTTP {server.url}/v2/models/{MODEL_NAME}/infer  gRPC {cfg.host}:{cfg.grpc_port}  "
                f"metrics http://{cfg.host}:{cfg.metrics_port}/metrics  (Ctrl+C or SIGTERM to stop)", err=True)
     server.wait()
+
+
+class TritonExited(click.ClickException):
+    """Triton ended while serving: one `error:` line and exit code 1 (a failure of the server, not
+    the user's input, hence not 2)."""
+
+    exit_code = 1
+
+    def show(self, file=None):
+        click.echo(f"error: {self.message}", err=True)
 
 
 class _signals_as_interrupt:
