@@ -38,7 +38,11 @@ def free_port() -> int:
 
 
 def post(port, body: bytes, timeout=30, headers=None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", data=body,
+    return post_to("127.0.0.1", port, body, timeout, headers)
+
+
+def post_to(host, port, body: bytes, timeout=30, headers=None):
+    req = urllib.request.Request(f"http://{host}:{port}/v2/models/{MODEL}/infer", data=body,
                                  headers=headers or {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -65,7 +69,7 @@ def export_dir(tiny_bert, tmp_path_factory):
     return out
 
 
-def start_server(model, log, *extra):
+def start_server(model, log, *extra, host="127.0.0.1"):
     """A `theseus-deploy serve` process on free loopback ports, ready to answer; stop it with stop_server."""
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     cmd = [sys.executable, "-m", "theseus_deploy", "serve", str(model), "--http-port", str(ports["http"]),
@@ -80,7 +84,7 @@ def start_server(model, log, *extra):
             if proc.poll() is not None:
                 pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/v2/models/{MODEL}/ready", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{host}:{ports['http']}/v2/models/{MODEL}/ready", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -131,6 +135,24 @@ def test_listens_on_loopback_only(server):
     for name, port in server["ports"].items():
         assert ports.get(port) in loopback, (name, port, ports)
     assert all(ip in loopback for ip in ports.values()), ports
+
+
+def test_triton_http_behind_the_gateway_is_on_loopback_whatever_the_host(export_dir, tmp_path):
+    """--host 127.0.0.2 --allow-remote (another address, still on this machine's loopback network):
+    the gateway, gRPC and metrics listen there, Triton's own HTTP (the gateway's upstream) on 127.0.0.1
+    only. Measured before with --host 0.0.0.0 --allow-remote (in a network namespace of its own):
+    Triton's HTTP listened on 0.0.0.0 at its "internal" port, reachable past the gateway."""
+    info = start_server(export_dir, tmp_path / "server.log", "--host", "127.0.0.2", "--allow-remote", host="127.0.0.2")
+    try:
+        listening = {c.laddr.port: c.laddr.ip.removeprefix("::ffff:") for p in info["pids"] if psutil.pid_exists(p)
+                     for c in psutil.Process(p).net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        for name, port in info["ports"].items():
+            assert listening.pop(port, None) == "127.0.0.2", (name, port, listening)
+        assert listening and set(listening.values()) == {"127.0.0.1"}, listening  # Triton's HTTP, inside
+        status, body = post_to("127.0.0.2", info["ports"]["http"], infer_json([TEXTS[0]]))
+        assert status == 200 and outputs(body)[0][0], body
+    finally:
+        stop_server(info)
 
 
 def test_text_in_label_out_like_text_classifier(server, export_dir):

@@ -154,10 +154,12 @@ def check_request_fields(req: dict) -> str | None:
 
 
 class Gateway:
-    """aiohttp server on (host, port) in its own thread, forwarding to Triton at (host, upstream_port)."""
+    """aiohttp server on (host, port) in its own thread, forwarding to Triton at (upstream_host, upstream_port)
+    (default: host; `serve` puts Triton's HTTP on 127.0.0.1 whatever --host)."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, model: str, input_name: str, max_batch_size: int):
-        self.host, self.port, self.upstream = host, port, f"http://{host}:{upstream_port}"
+    def __init__(self, host: str, port: int, upstream_port: int, model: str, input_name: str, max_batch_size: int,
+                 upstream_host: str | None = None):
+        self.host, self.port, self.upstream = host, port, f"http://{upstream_host or host}:{upstream_port}"
         self.infer_paths = {f"/v2/models/{model}{INFER_SUFFIX}", f"/v2/models/{model}/versions/1{INFER_SUFFIX}"}
         self.input_name, self.max_batch_size = input_name, max_batch_size
         self.loop = None

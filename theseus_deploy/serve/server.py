@@ -241,10 +241,13 @@ class Server:
         from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-        # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal loopback port.
-        triton_http = (_free_port(cfg.host, avoid={cfg.http_port, cfg.grpc_port, cfg.metrics_port}) if cfg.http_gateway
-                       else cfg.http_port)
-        config = TritonConfig(http_address=cfg.host, http_port=triton_http, grpc_address=cfg.host,
+        # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal port on
+        # 127.0.0.1, whatever --host: measured before with --host 0.0.0.0 --allow-remote, it listened on
+        # 0.0.0.0, where clients could reach Triton past the gateway's checks.
+        self.triton_http_host = "127.0.0.1" if cfg.http_gateway else cfg.host
+        triton_http = (_free_port(self.triton_http_host, avoid={cfg.http_port, cfg.grpc_port, cfg.metrics_port})
+                       if cfg.http_gateway else cfg.http_port)
+        config = TritonConfig(http_address=self.triton_http_host, http_port=triton_http, grpc_address=cfg.host,
                               grpc_port=cfg.grpc_port, metrics_address=cfg.host, metrics_port=cfg.metrics_port,
                               exit_timeout_secs=cfg.exit_timeout_secs, log_verbose=0)
         preferred = sorted({b for b in (cfg.max_batch_size // 4, cfg.max_batch_size // 2, cfg.max_batch_size) if b >= 1})
@@ -283,7 +286,8 @@ class Server:
         server = getattr(self.triton, "_triton_server", None)
         self.log_mark = len(server.logs() or "") if server is not None else 0
         if cfg.http_gateway:
-            self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size)
+            self.gateway = Gateway(cfg.host, cfg.http_port, triton_http, MODEL_NAME, "text", cfg.max_batch_size,
+                                   upstream_host=self.triton_http_host)
             self.gateway.start()
         self.ready_seconds = time.perf_counter() - t0
 
@@ -293,7 +297,7 @@ class Server:
         the same ports start at once: Triton exited in 1 s, the start hung 120 s). Readiness is
         polled here first, and the wait ends the moment the server process is gone, with its reason."""
         triton, original = self.triton, self.triton._wait_for_server
-        host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
+        host = self.triton_http_host
         url = f"http://{host}:{http_port}/v2/health/ready"
 
         def wait():
