@@ -249,6 +249,26 @@ def test_bad_request_is_refused_and_server_keeps_serving(server, case):
     assert status == 200 and outputs(ok)[0][0]
 
 
+@pytest.mark.parametrize("path", ["versions/01/infer", "./infer", "versions/1/./infer", "x/../infer", "infer/"])
+def test_every_spelling_of_the_infer_path_is_checked(server, path):
+    """Triton resolves dot segments and reads the version as a number: measured before, these paths
+    reached Triton's infer past the gateway's checks (malformed JSON: Triton's 500)."""
+    url = f"http://127.0.0.1:{server['ports']['http']}/v2/models/{MODEL}/{path}"
+
+    def send(body):
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    status, answer = send(b'{"inputs": [')
+    assert status == 400 and "malformed JSON" in answer.get("error", ""), (status, answer)
+    status, answer = send(infer_json([TEXTS[0]]))
+    assert status == 200 and outputs(answer)[0][0], (status, answer)
+
+
 def test_empty_text_in_a_batch_does_not_fail_the_others(server):
     """Behind the HTTP front (gRPC goes straight to Triton) a bad row is answered in its row."""
     import tritonclient.grpc as grpcclient
@@ -261,6 +281,24 @@ def test_empty_text_in_a_batch_does_not_fail_the_others(server):
     assert labels[1] == b"error: empty text" and np.isnan(scores[1])
     assert not labels[0].startswith(b"error") and 0 < scores[0] <= 1
     client.close()
+
+
+def test_a_request_of_bad_texts_only_is_answered_row_by_row_without_a_traceback(server):
+    """gRPC (straight to Triton): measured before, a request whose rows were all bad (when no other
+    client's request shared its merged batch) got StatusCode.INTERNAL with PyTriton's Python traceback
+    (server file paths included) as its message; merged with a good request, the same rows got their
+    row errors. Now the answer of a row depends on that row only."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['ports']['grpc']}")
+    try:
+        inp = grpcclient.InferInput("text", [2, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[b"\xff\xfe"], [b" "]], dtype=object))
+        res = client.infer(MODEL, [inp], client_timeout=30)
+        assert list(res.as_numpy("label")[:, 0]) == [b"error: text is not valid UTF-8", b"error: empty text"]
+        assert np.isnan(res.as_numpy("score")[:, 0]).all()
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import posixpath
+import re
 import threading
 
-INFER_SUFFIX = "/infer"
+# An infer path as Triton routes it, any version: Triton resolves dot segments and reads a version
+# as a number (measured: /v2/models/M/./infer and /v2/models/M/versions/01/infer reached its infer
+# unchecked), so the gateway checks and forwards the path canonical_path makes.
+INFER_PATH = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/[^/]*)?/infer")
 # Content-Encoding is not forwarded: the body forwarded is the decompressed one. The binary-data
 # header (Inference-Header-Content-Length) goes both ways, so do Accept-Encoding / Content-Encoding.
 FORWARDED_REQUEST_HEADERS = ("content-type", "inference-header-content-length", "accept", "accept-encoding",
@@ -153,14 +158,22 @@ def check_request_fields(req: dict) -> str | None:
     return None
 
 
+def canonical_path(path: str) -> str:
+    """`path` (decoded) with repeated slashes, dot segments and a trailing slash resolved."""
+    return posixpath.normpath(re.sub("/+", "/", path or "/"))
+
+
 class Gateway:
     """aiohttp server on (host, port) in its own thread, forwarding to Triton at (upstream_host, upstream_port)
     (default: host; `serve` puts Triton's HTTP on 127.0.0.1 whatever --host)."""
 
     def __init__(self, host: str, port: int, upstream_port: int, model: str, input_name: str, max_batch_size: int,
                  upstream_host: str | None = None):
-        self.host, self.port, self.upstream = host, port, f"http://{upstream_host or host}:{upstream_port}"
-        self.infer_paths = {f"/v2/models/{model}{INFER_SUFFIX}", f"/v2/models/{model}/versions/1{INFER_SUFFIX}"}
+        from yarl import URL  # aiohttp's
+
+        self.host, self.port, self.upstream = host, port, URL.build(scheme="http", host=upstream_host or host,
+                                                                     port=upstream_port)
+        self.model = model
         self.input_name, self.max_batch_size = input_name, max_batch_size
         self.loop = None
         self.thread = None
@@ -182,14 +195,16 @@ class Gateway:
             return too_large
         if len(body) > MAX_BODY_BYTES:
             return too_large
-        if request.method == "POST" and request.path.rstrip("/") in self.infer_paths:
+        path = canonical_path(request.path)
+        infer = INFER_PATH.fullmatch(path)
+        if request.method == "POST" and infer and infer["model"] == self.model:
             msg = check_infer_body(body, self.input_name, self.max_batch_size, request.headers.get(HEADER_LENGTH))
             if msg is not None:
                 return web.json_response({"error": msg}, status=400)
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED_REQUEST_HEADERS}
+        url = self.upstream.with_path(path).with_query(request.query_string)
         try:
-            async with self.session.request(request.method, self.upstream + request.path_qs, data=body or None,
-                                            headers=headers) as resp:
+            async with self.session.request(request.method, url, data=body or None, headers=headers) as resp:
                 payload = await resp.read()
                 out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
                 return web.Response(body=payload, status=resp.status, headers=out_headers)
