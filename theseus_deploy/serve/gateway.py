@@ -208,7 +208,7 @@ class Gateway:
                 payload = await resp.read()
                 out_headers = {k: v for k, v in resp.headers.items() if k.lower() in FORWARDED_RESPONSE_HEADERS}
                 return web.Response(body=payload, status=resp.status, headers=out_headers)
-        except aiohttp.ClientError as e:
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             # Triton gone (it exited; serve is stopping): measured before, aiohttp's text/plain 500 and a traceback per request
             return web.json_response({"error": f"Triton is not answering ({type(e).__name__}): the server is "
                                                f"stopping or has failed"}, status=502)
