@@ -11,7 +11,8 @@ from theseus_deploy.errors import UsageError
 # top-level module -> what pip installs it from
 PACKAGES = {"pytriton": "nvidia-pytriton", "tritonclient": "tritonclient[grpc,http]", "google": "protobuf",
             "zmq": "pyzmq", "aiohttp": "aiohttp", "sh": "sh", "typing_inspect": "typing_inspect", "wrapt": "wrapt",
-            "typer": "typer", "grpc": "grpcio", "geventhttpclient": "geventhttpclient", "psutil": "psutil"}
+            "typer": "typer", "grpc": "grpcio", "geventhttpclient": "geventhttpclient", "psutil": "psutil",
+            "yarl": "yarl"}  # yarl: aiohttp's URLs (the serve gateway builds Triton's with it)
 INSTALL = ("run `make install`, or `pip install -e '.[serve]'` and `pip install --no-deps nvidia-pytriton==0.7.0` "
            "(see docs/serve.md)")
 
