@@ -140,8 +140,8 @@ def test_listens_on_loopback_only(server):
 def test_triton_http_behind_the_gateway_is_on_loopback_whatever_the_host(export_dir, tmp_path):
     """--host 127.0.0.2 --allow-remote (another address, still on this machine's loopback network):
     the gateway, gRPC and metrics listen there, Triton's own HTTP (the gateway's upstream) on 127.0.0.1
-    only. Measured before with --host 0.0.0.0 --allow-remote (in a network namespace of its own):
-    Triton's HTTP listened on 0.0.0.0 at its "internal" port, reachable past the gateway."""
+    only. Measured before with --allow-remote and the wildcard --host (in a network namespace of its own):
+    Triton's HTTP listened on the wildcard address at its "internal" port, reachable past the gateway."""
     info = start_server(export_dir, tmp_path / "server.log", "--host", "127.0.0.2", "--allow-remote", host="127.0.0.2")
     try:
         listening = {c.laddr.port: c.laddr.ip.removeprefix("::ffff:") for p in info["pids"] if psutil.pid_exists(p)
@@ -425,17 +425,23 @@ def test_library_stop_stops_only_its_own_processes(library_server):
         later.wait(10)
 
 
+def processes_left(pids, grace_s: float) -> list:
+    """(pid, command) of the processes of `pids` still running (not zombies) after up to `grace_s` seconds."""
+    def alive():
+        return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.time() + grace_s
+    while time.time() < deadline and alive():
+        time.sleep(0.2)
+    return [(p, psutil.Process(p).cmdline()[:3]) for p in alive()]
+
+
 def test_sigterm_stops_everything(server):
     proc = server["proc"]
     assert len(server["pids"]) >= 2  # the CLI and the tritonserver it started
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
-    deadline = time.time() + 5
-    while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                         for p in server["pids"]):
-        time.sleep(0.2)
-    left = [(p, psutil.Process(p).cmdline()[:3]) for p in server["pids"]
-            if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    left = processes_left(server["pids"], 5)
     assert not left, f"processes left after SIGTERM: {left}"
 
 
@@ -452,12 +458,7 @@ def test_triton_dying_while_serving_ends_serve_with_an_error_and_its_processes(e
         assert proc.wait(60) == 1
         last = info["log"].read_text().strip().splitlines()[-1]
         assert last.startswith("error: Triton exited while serving"), last
-        deadline = time.time() + 10
-        while time.time() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                             for p in info["pids"]):
-            time.sleep(0.2)
-        left = [(p, psutil.Process(p).cmdline()[:1]) for p in info["pids"]
-                if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        left = processes_left(info["pids"], 10)
         assert not left, f"processes left after Triton died: {left}"
     finally:
         stop_server(info)

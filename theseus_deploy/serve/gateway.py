@@ -184,17 +184,18 @@ class Gateway:
         import aiohttp
         from aiohttp import web
 
-        too_large = web.json_response({"error": f"the request body is larger than {MAX_BODY_BYTES} bytes: send at "
-                                                f"most {MAX_BODY_BYTES} bytes (split the texts over several requests)"},
-                                      status=413)
+        def too_large():  # built only when needed, not for every request
+            return web.json_response({"error": f"the request body is larger than {MAX_BODY_BYTES} bytes: send at most "
+                                               f"{MAX_BODY_BYTES} bytes (split the texts over several requests)"}, status=413)
+
         if (request.content_length or 0) > MAX_BODY_BYTES:
-            return too_large
+            return too_large()
         try:
             body = await request.read()  # aiohttp has undone a Content-Encoding (gzip, deflate) already
         except web.HTTPRequestEntityTooLarge:  # client_max_size: the decompressed body, or a chunked one
-            return too_large
+            return too_large()
         if len(body) > MAX_BODY_BYTES:
-            return too_large
+            return too_large()
         path = canonical_path(request.path)
         infer = INFER_PATH.fullmatch(path)
         if request.method == "POST" and infer and infer["model"] == self.model:

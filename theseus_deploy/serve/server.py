@@ -241,8 +241,8 @@ class Server:
         from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
         # With the gateway (theseus_deploy/serve/gateway.py) Triton's HTTP listens on a free internal port on
-        # 127.0.0.1, whatever --host: measured before with --host 0.0.0.0 --allow-remote, it listened on
-        # 0.0.0.0, where clients could reach Triton past the gateway's checks.
+        # 127.0.0.1, whatever --host: measured before with --allow-remote and the wildcard --host, it listened
+        # on the wildcard address too, where clients could reach Triton past the gateway's checks.
         self.triton_http_host = "127.0.0.1" if cfg.http_gateway else cfg.host
         triton_http = (_free_port(self.triton_http_host, avoid={cfg.http_port, cfg.grpc_port, cfg.metrics_port})
                        if cfg.http_gateway else cfg.http_port)

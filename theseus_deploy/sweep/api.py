@@ -36,7 +36,7 @@ from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
 from theseus_deploy.export.validate import ValidationError, task_logits
 from theseus_deploy.hf import check_fine_tuned, check_model_source, load_config, load_tokenizer
-from theseus_deploy.io import check_not_inside, locks_output, write_json
+from theseus_deploy.io import locks_output, write_json
 from theseus_deploy.loyalty import loyalty_value
 from theseus_deploy.metrics import compute_metrics
 from theseus_deploy.registry import BACKENDS, FORMATS, export_format
@@ -217,8 +217,7 @@ def sweep_inputs(cfg) -> list:
 @locks_output("cfg.output", protected=sweep_inputs)
 def _run_sweep(cfg, show_progress: bool) -> dict:
     # ---- everything that can fail on bad input fails here, before anything is written
-    out = Path(cfg.output)
-    check_not_inside(out, sweep_inputs(cfg))
+    out = Path(cfg.output)  # not, nor holding, nor inside sweep_inputs: checked with its lock (locks_output)
     budget = parse_latency(cfg.latency_budget) if cfg.latency_budget is not None else None
     if cfg.traffic:
         mode = {"kind": "traffic", "max_length": max(EVAL_MAX_LENGTH, cfg.max_seq_length),
