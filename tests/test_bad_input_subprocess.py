@@ -54,6 +54,8 @@ NEW_CASES = [
     ("output-empty", ["export", "--model", "{M:base}", "--format", "onnx", "--output", ""], "--output is empty", False),
     ("bench-check-bad-baseline", "bench --model {M:base} --batch-sizes 1 --seq-lens 8 --output {out} "
      "--check {d}/list-baseline.json", "neither 'ratios' nor 'speedups'", False),
+    ("bench-check-too-few-rounds", "bench --model {M:base} --batch-sizes 1 --seq-lens 8 --output {out} --rounds 4 "
+     "--check {d}/baseline.json", "--check needs --rounds 5 or more (got 4)", False),
     ("bench-baseline-into-model", "bench --model {M:base} --batch-sizes 1 --seq-lens 8 --output {out} "
      "--update-baseline {M:base}/config.json", "lies inside the model folder", False),
     ("bench-baseline-is-a-folder", "bench --model {M:base} --batch-sizes 1 --seq-lens 8 --output {out} "
@@ -115,6 +117,7 @@ def _write_inputs(env):
     (d / "extra.csv").write_text("text,y\n" + "".join(f"{t},{y},extra\n" for t, y in rows))
     (d / "deep.json").write_text("[" * 200000 + "]" * 200000)
     (d / "list-baseline.json").write_text("[1, 2]")
+    (d / "baseline.json").write_text('{"ratios": {"depth successor/torch b1/s8": 1.5}}')
     (d / "a-folder").mkdir()
 
     def copy(name):

@@ -149,6 +149,9 @@ def run_bench(cfg, show_progress: bool = True) -> dict:
     check_backends(asked or ["torch"], cfg.device)
     if cfg.check is not None:  # the baseline is read (and refused) now, not after the bench ran
         load_baseline(cfg.check)
+        if cfg.rounds < G.MIN_ROUNDS:
+            raise UsageError(f"--check needs --rounds {G.MIN_ROUNDS} or more (got {cfg.rounds}): with fewer paired "
+                             "rounds the gate cannot tell a regression from noise")
     task, train_file = cfg.task, cfg.train_file
     check_output_dir(cfg.output, cfg.overwrite, protected=bench_inputs(cfg))
     if cfg.update_baseline is not None:  # the same rules as --output (inputs, --overwrite, atomic, lock), checked now
@@ -261,8 +264,8 @@ def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -
                "cells": cells, "speedups": speedups(entries, shapes), "traffic": traffic,
                "compiled": compiled or None, "seconds": round(time.time() - t0, 1)}
     if cfg.check:
-        results["gate"] = {"baseline": cfg.check, "tolerance": cfg.tolerance,
-                           "failures": G.check(results, cfg.check, cfg.tolerance), "ratios": G.ratios(results)}
+        results["gate"] = {"baseline": cfg.check, "tolerance": cfg.tolerance, "test": f"sign test, alpha {G.ALPHA}",
+                           **G.check(results, cfg.check, cfg.tolerance), "ratios": G.ratios(results)}
     with atomic_output_dir(cfg.output, cfg.overwrite, protected=cfg.models) as tmp:
         write_json(tmp / "results.json", results)
         write_csv(cells, tmp / "results.csv")

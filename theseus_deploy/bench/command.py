@@ -16,6 +16,8 @@ def bench(**kwargs):
     results = run_bench(cfg)
     click.echo((click.open_file(f"{cfg.output}/report.md").read()))
     gate = results.get("gate")
+    for f in (gate or {}).get("unclear", []):
+        click.echo(f"unclear (noise, not failed): {f}", err=True)
     if gate and gate["failures"]:
         for f in gate["failures"]:
             click.echo(f"regressed: {f}", err=True)

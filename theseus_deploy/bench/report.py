@@ -87,6 +87,9 @@ def markdown(results: dict) -> str:
         g = results["gate"]
         out += ["", f"## Gate vs {g['baseline']} (tolerance {g['tolerance']:.0%}): "
                 + ("PASS" if not g["failures"] else "FAIL"), ""] + [f"- {f}" for f in g["failures"]]
+        if g.get("unclear"):
+            out += ["", "Below the threshold by the median, but not by the rounds (noise, not a regression; "
+                    "re-run on a quiet machine to be sure):", ""] + [f"- {f}" for f in g["unclear"]]
     return "\n".join(out) + "\n"
 
 

@@ -81,9 +81,11 @@ def run_sweep(entries: list[Entry], shapes, device: str = "cpu", warmup: int = 3
 
 
 def paired_speedup(ref: Entry, other: Entry, shape) -> dict:
-    """Median over rounds of ref/other (>1: `other` is faster), with min/max."""
+    """Median over rounds of ref/other (>1: `other` is faster), with min/max and every round's ratio
+    (`values`: the CI gate tests the rounds, not only their median)."""
     ratios = [a / b for a, b in zip(ref.rounds[shape], other.rounds[shape])]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios),
+            "values": ratios}
 
 
 def speedups(entries: list[Entry], shapes) -> list[dict]:
