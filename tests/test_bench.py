@@ -162,6 +162,12 @@ def test_cli_end_to_end_reports_and_gate(pair, tmp_path):
     r2 = CliRunner().invoke(cli, [*check, "--rounds", "5", "--output", str(tmp_path / "b2")])
     assert r2.exit_code == 1 and "regressed: depth successor/torch b1/s16" in r2.output
     assert (tmp_path / "b2" / "results.json").is_file()  # results kept for inspection
+    # every failing cell is a clear one (all 5 rounds under 100x); an unclear cell would be listed in report.md
+    from theseus_deploy.bench import report
+    res2 = json.loads((tmp_path / "b2" / "results.json").read_text())
+    assert res2["gate"]["unclear"] == [] and "0 of 5 rounds reached 90.00x" in res2["gate"]["failures"][0]
+    res2["gate"]["unclear"] = ["depth successor/torch b1/s16: a noisy dip"]
+    assert "not by the rounds" in report.markdown(res2) and "- depth successor/torch b1/s16: a noisy dip" in report.markdown(res2)
 
 
 def test_random_init_from_config_folder(tmp_path):
