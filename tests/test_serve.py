@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -448,18 +449,24 @@ def test_sigterm_stops_everything(server):
 def test_triton_dying_while_serving_ends_serve_with_an_error_and_its_processes(export_dir, tmp_path):
     """Triton gone while serving (as after the crashes the gateway now refuses; here SIGKILL). Measured
     before: `serve` exited 0 without a word, and the Python-backend stub with its two helper
-    processes lived on, re-parented (they were only looked for under a running tritonserver)."""
+    processes lived on, re-parented (they were only looked for under a running tritonserver); and
+    Triton's temporary copy of the model (`/tmp/folderXXXXXX`, the stub's model.py) stayed behind."""
     info = start_server(export_dir, tmp_path / "server.log")
     try:
         proc = info["proc"]
         tritons = [c for c in psutil.Process(proc.pid).children() if "tritonserver" in " ".join(c.cmdline()[:1])]
         assert tritons, "no tritonserver child found"
+        stubs = [c.cmdline() for c in tritons[0].children(recursive=True)
+                 if c.cmdline()[:1] and c.cmdline()[0].endswith("triton_python_backend_stub")]
+        folders = [Path(cmd[1]).parent.parent for cmd in stubs]
+        assert folders and all((f / "config.pbtxt").is_file() for f in folders), stubs
         tritons[0].kill()
         assert proc.wait(60) == 1
         last = info["log"].read_text().strip().splitlines()[-1]
         assert last.startswith("error: Triton exited while serving"), last
         left = processes_left(info["pids"], 10)
         assert not left, f"processes left after Triton died: {left}"
+        assert not [f for f in folders if f.exists()], "Triton's temporary copy of the model was left behind"
     finally:
         stop_server(info)
 

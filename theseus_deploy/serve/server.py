@@ -209,6 +209,7 @@ class Server:
         self.gateway = None
         self.started_processes = []  # psutil.Process of the children Triton.run() started (see stop)
         self.tree = []  # their descendants as last seen (see wait)
+        self.stub_folders = set()  # Triton's temporary copies of the model, one per stub (see _see_tree)
         self.log_mark = 0  # length of Triton's log when ready
 
     def start(self) -> "Server":
@@ -330,6 +331,7 @@ class Server:
             try:
                 for child in proc.children(recursive=True):
                     seen.setdefault(child.pid, child)
+                    self.stub_folders |= _stub_folder(child)
             except psutil.Error:
                 pass
         self.tree = list(seen.values())
@@ -406,7 +408,27 @@ class Server:
                 deadline = time.monotonic() + 5
                 while (self.workdir / "workspace").exists() and time.monotonic() < deadline:
                     time.sleep(0.1)
+                for folder in self.stub_folders:  # Triton removes them when it unloads the model; a crashed one did not
+                    shutil.rmtree(folder, ignore_errors=True)
+                self.stub_folders = set()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _stub_folder(proc) -> set:
+    """{the temporary copy of the model a Python-backend stub runs}, else {}. Triton writes the
+    PyTriton model it is given (config.pbtxt and 1/model.py) to a `folderXXXXXX` in the temporary
+    directory and starts the stub as `triton_python_backend_stub <folder>/1/model.py ...`; it
+    removes the folder when it unloads the model, so a tritonserver that crashed left it behind
+    (measured: one ~110 KB folder per crash). Read while the stub lives: a dead process has no
+    command line."""
+    cmd = proc.cmdline()
+    if len(cmd) < 2 or Path(cmd[0]).name != "triton_python_backend_stub":
+        return set()
+    model = Path(cmd[1])
+    folder = model.parent.parent
+    if model.name == "model.py" and re.fullmatch(r"folder\w{6}", folder.name) and folder.parent == Path(tempfile.gettempdir()):
+        return {folder}
+    return set()
 
 
 def _triton_error(logs: str, crash: bool = False) -> str:
