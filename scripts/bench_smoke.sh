@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 "$PY" tests/tiny.py "$OUT/pred" --layers 4 --hidden 64 >/dev/null
 "$PY" tests/tiny.py "$OUT/succ" --layers 2 --hidden 64 --seed 1 >/dev/null
 ARGS=(bench --model "$OUT/pred" --model "$OUT/succ" --backend torch --backend onnx --batch-sizes 1,8 --seq-lens 64
-      --threads 1 --warmup 5 --iterations 40 --rounds 8 --min-seconds 0.4 --output "$OUT/bench" --overwrite)
+      --threads 1 --warmup 5 --iterations 40 --rounds 8 --min-seconds 2 --output "$OUT/bench" --overwrite)
 if [ "${1:-}" = "--update" ]; then
   "$PY" -m theseus_deploy "${ARGS[@]}" --update-baseline "$BASELINE"
 else
