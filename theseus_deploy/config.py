@@ -418,7 +418,8 @@ class BenchConfig(Checked):
     rounds: int = opt(5, "Interleaved rounds per shape (paired ratios).", ge=1)
     threads: int | None = opt(None, "CPU threads (torch and ONNX Runtime); recorded.", ge=1)
     output: str = opt(None, "Folder for results.json, results.csv, report.md and plots.")
-    check: str | None = opt(None, "Baseline JSON: fail (exit 1) if a speedup ratio regressed beyond --tolerance.")
+    check: str | None = opt(None, "Baseline JSON: fail (exit 1) if a speedup ratio regressed beyond --tolerance, "
+                                  "judged on its paired rounds (sign test, alpha 0.05; needs --rounds 5 or more).")
     tolerance: float = opt(0.1, "Allowed relative drop of a ratio.", ge=0, lt=1)
     update_baseline: str | None = opt(None, "Write this run's ratios as a baseline JSON here.")
     task: str | None = opt(None, "Real traffic: time the whole dev set of this task.")
