@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -457,7 +458,8 @@ def ablation_lines(root: Path) -> list[str]:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
 
     def label_loyalty(r):  # the run's label loyalty to its predecessor (metrics.json), where recorded
-        m = Path(r["out"]) / "metrics.json"
+        m = root / "ablation" / r["task"] / f"{r['variant']}-seed{r['seed']}" / "metrics.json"
+        m = m if m.is_file() else Path(r["out"]) / "metrics.json"
         loy = json.loads(m.read_text()).get("loyalty") if m.is_file() else None
         return loy.get("label") if loy else None
 
@@ -518,7 +520,80 @@ def targets_lines(macro_ret, lowest, wins, wins_c, n_tasks):
 NOTES = "<!-- notes: written by hand below this line, kept by `results.py report` -->"
 
 
-def report(root: Path, doc: Path):
+# ---------------------------------------------------------------------------- the report's inputs, kept
+RECORDS_MARK = "records.json"  # what keep_records writes into its folder (and what lets it replace one)
+
+
+def _eval_rows(log: Path) -> str:
+    """The lines of a train_log.jsonl that the report reads (its dev evaluations), not every step's loss."""
+    return "".join(line + "\n" for line in log.read_text().splitlines() if '"eval"' in line)
+
+
+def keep_records(root: Path, dest: Path) -> int:
+    """Copy what a report is generated from into DEST, in ROOT's layout: each summary.json, each run's
+    metrics.json and the evaluation rows of its train_log.jsonl, the ablation's and the bench's
+    results.json. `report --root DEST` then writes the same tables from these files alone, so a doc's
+    figures stay re-derivable when the run folders are gone (they hold the weights and checkpoints,
+    hundreds of MB a run, and live on one machine: a new machine starts without them). DEST is
+    replaced whole (built beside it, then renamed), and only if it is such a folder already."""
+    root, dest = Path(root), Path(dest)
+    if root.resolve() == dest.resolve() or not root.is_dir():
+        return 0
+    if dest.exists() and not (dest / RECORDS_MARK).is_file():
+        raise SystemExit(f"error: {dest} exists and is not a records folder (no {RECORDS_MARK}): pass another --records")
+    files = {}  # path relative to DEST -> text
+
+    def take(src: Path, rel: Path):
+        if src.is_file():
+            files[rel] = _eval_rows(src) if src.name == "train_log.jsonl" else src.read_text()
+
+    for f in sorted(root.glob("*/seed*/summary.json")):
+        s = json.loads(f.read_text())
+        rel = f.parent.relative_to(root)
+        take(f, rel / "summary.json")
+        pred = Path(s["task"]) / f"seed{s.get('predecessor_seed', s['seed'])}" / "predecessor"
+        take(root / pred / "metrics.json", pred / "metrics.json")
+        for name in s.get("commands", {}):
+            if name != "predecessor":
+                for leaf in ("metrics.json", "train_log.jsonl"):
+                    take(f.parent / name / leaf, rel / name / leaf)
+    a = root / "ablation" / "summary.json"
+    if a.is_file():
+        take(a, Path("ablation") / "summary.json")
+        for r in json.loads(a.read_text())["rows"]:
+            run = Path("ablation") / r["task"] / f"{r['variant']}-seed{r['seed']}"
+            take(root / run / "metrics.json" if (root / run).is_dir() else Path(r["out"]) / "metrics.json",
+                 run / "metrics.json")
+    take(root / "bench" / "results.json", Path("bench") / "results.json")
+    if not files:
+        return 0
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for rel, text in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(text)
+    (tmp / RECORDS_MARK).write_text(json.dumps({"from": str(root).replace(str(Path.home()), "~"),
+                                                "files": len(files)}, indent=2) + "\n")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return len(files)
+
+
+def records_dir(doc: Path) -> Path:
+    """Where a doc's inputs are kept: docs/records/<doc name>/ beside docs/<doc name>.md."""
+    return Path(doc).parent / "records" / Path(doc).stem
+
+
+def records_note(root: Path, doc: Path, records: Path | None = None) -> str:
+    d = Path(records) if records else records_dir(doc)
+    return (f"Its inputs are kept in `{d}/` (`results.py report --root {d}` writes these tables again)."
+            if root.resolve() != d.resolve() else "")
+
+
+def report(root: Path, doc: Path, records: Path | None = None):
     rows, partial = {}, []
     for f in sorted(root.glob("*/seed*/summary.json")):
         s = json.loads(f.read_text())
@@ -533,7 +608,8 @@ def report(root: Path, doc: Path):
              f"Generated by `python scripts/results.py report` from `{root}/*/seed*/summary.json`;",
              "the runs themselves by `python scripts/results.py run` (commands below). Scores are the",
              "task's `score` (GLUE convention: mean of F1/accuracy for MRPC, of Pearson/Spearman for",
-             "STS-B; Matthews for CoLA; accuracy otherwise) x 100, median over seeds.", "",
+             "STS-B; Matthews for CoLA; accuracy otherwise) x 100, median over seeds.",
+             *filter(None, [records_note(root, doc, records)]), "",
              f"| task | seeds | predecessor ({n_pred}L) | Theseus ({n_succ}L) | retention | truncation ({n_succ}L) | "
              f"constant p=0.5 ({n_succ}L) | Theseus beats truncation | beats constant |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -765,7 +841,7 @@ def _machines(rows: dict) -> list[str]:
     return [f"- {k}: {n} runs" for k, n in seen.items()]
 
 
-def report_kd(root: Path, doc: Path, which: str = "12to6"):
+def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None = None):
     """docs/results-12to6.md (and the 6 -> 3 table with KD): every method beside the predecessor,
     retention, loyalty, the targets as met / not met and by how much, budgets, commands, machine."""
     rows = {}
@@ -784,7 +860,7 @@ def report_kd(root: Path, doc: Path, which: str = "12to6"):
              "the task's `score` (MRPC mean of F1 and accuracy, STS-B of Pearson and Spearman, CoLA Matthews, else",
              "accuracy) x 100, median over seeds; retention = successor / predecessor. Every method of a task has",
              "the same steps and learning rate; kd = vanilla KD (truncation + soft targets), Theseus + KD = compress",
-             "with the same soft targets.", ""]
+             "with the same soft targets.", *filter(None, [records_note(root, doc, records)]), ""]
     if not rows:
         lines += ["No results yet."]
     else:
@@ -891,6 +967,9 @@ def main():
     ap.add_argument("--dry-run", action="store_true", help="print the commands that would run")
     ap.add_argument("--root", default=None, help="default runs/results (--profile mpnet: runs/results-12to6)")
     ap.add_argument("--doc", default=None, help="default docs/results.md (--profile mpnet: docs/results-12to6.md)")
+    ap.add_argument("--records", default=None,
+                    help="where the report's inputs are copied (summaries, metrics, evaluations; no weights) "
+                         "so the doc can be written again from them (default: docs/records/<doc name>)")
     a = ap.parse_args()
     mpnet = a.profile == "mpnet"
     a.tasks = a.tasks or ",".join(MPNET["tasks"] if mpnet else ("mrpc", "rte", "stsb", "cola", "sst2"))
@@ -938,10 +1017,16 @@ def main():
     if a.what == "bench":
         run_bench(tasks[0], root, seeds[0])
     if not DRY_RUN:
+        records = Path(a.records) if a.records else records_dir(Path(a.doc))
+        if records.exists() and not (records / RECORDS_MARK).is_file() and records.resolve() != root.resolve():
+            ap.error(f"--records {records} exists and is not a records folder (no {RECORDS_MARK}): pass another")
         if mpnet or any(m in methods for m in ("kd", "theseus-kd")):
-            report_kd(root, Path(a.doc), "12to6" if mpnet else "6to3")
+            report_kd(root, Path(a.doc), "12to6" if mpnet else "6to3", records)
         else:
-            report(root, Path(a.doc))
+            report(root, Path(a.doc), records)
+        n = keep_records(root, records)
+        if n:
+            print(f"kept the report's inputs: {n} files in {records}", flush=True)
 
 
 if __name__ == "__main__":
