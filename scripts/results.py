@@ -545,7 +545,8 @@ def keep_records(root: Path, dest: Path) -> int:
 
     def take(src: Path, rel: Path):
         if src.is_file():
-            files[rel] = _eval_rows(src) if src.name == "train_log.jsonl" else src.read_text()
+            text = _eval_rows(src) if src.name == "train_log.jsonl" else src.read_text()
+            files[rel] = text.replace(str(Path.home()) + "/", "~/")  # as the doc writes paths: no one's home
 
     for f in sorted(root.glob("*/seed*/summary.json")):
         s = json.loads(f.read_text())
@@ -587,10 +588,11 @@ def records_dir(doc: Path) -> Path:
     return Path(doc).parent / "records" / Path(doc).stem
 
 
-def records_note(root: Path, doc: Path, records: Path | None = None) -> str:
+def records_note(root: Path, doc: Path, records: Path | None = None, flags: str = "") -> str:
+    """The doc's line that says where its inputs are kept and the command that writes it again from them."""
     d = Path(records) if records else records_dir(doc)
-    return (f"Its inputs are kept in `{d}/` (`results.py report --root {d}` writes these tables again)."
-            if root.resolve() != d.resolve() else "")
+    return (f"Its inputs are kept in `{d}/` (`python scripts/results.py{flags} report --root {d} --doc {doc}` "
+            "writes these tables again)." if root.resolve() != d.resolve() else "")
 
 
 def report(root: Path, doc: Path, records: Path | None = None):
@@ -860,7 +862,9 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
              "the task's `score` (MRPC mean of F1 and accuracy, STS-B of Pearson and Spearman, CoLA Matthews, else",
              "accuracy) x 100, median over seeds; retention = successor / predecessor. Every method of a task has",
              "the same steps and learning rate; kd = vanilla KD (truncation + soft targets), Theseus + KD = compress",
-             "with the same soft targets.", *filter(None, [records_note(root, doc, records)]), ""]
+             "with the same soft targets.",
+             *filter(None, [records_note(root, doc, records, " --profile mpnet" if which == "12to6" else
+                                         f" --profile full --methods {','.join(methods)}")]), ""]
     if not rows:
         lines += ["No results yet."]
     else:

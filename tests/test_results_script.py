@@ -542,7 +542,7 @@ def test_report_keeps_its_inputs_and_writes_the_same_tables_from_them(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     kept = docs / "records" / "results-12to6"
     first = doc.read_text()
-    assert f"Its inputs are kept in `{kept}/`" in first
+    assert f"Its inputs are kept in `{kept}/` (`python scripts/results.py --profile mpnet report --root {kept} --doc {doc}`" in first
     files = sorted(str(f.relative_to(kept)) for f in kept.rglob("*") if f.is_file())
     assert files == ["ablation/mrpc/kd-a0.5-t2-seed42/metrics.json", "ablation/summary.json",
                      "mrpc/seed42/predecessor/metrics.json", "mrpc/seed42/summary.json",
