@@ -985,6 +985,10 @@ def main():
     root = Path(a.root or REPO / "runs" / ("results-12to6" if mpnet else "results"))
     a.doc = a.doc or str(REPO / "docs" / ("results-12to6.md" if mpnet else "results.md"))
     tasks, seeds = a.tasks.split(","), [int(x) for x in a.seeds.split(",")]
+    # refused before any run starts (a grid takes hours), not when its report is written
+    records = Path(a.records) if a.records else records_dir(Path(a.doc))
+    if records.exists() and not (records / RECORDS_MARK).is_file() and records.resolve() != root.resolve():
+        ap.error(f"--records {records} exists and is not a records folder (no {RECORDS_MARK}): pass another")
     global DRY_RUN, PRECISION, SUCCESSOR_STEPS
     DRY_RUN, PRECISION, SUCCESSOR_STEPS = a.dry_run, a.mixed_precision, a.successor_steps
     KD.update({k: str(v) for k, v in (("alpha", a.distill_alpha), ("temperature", a.distill_temperature)) if v is not None})
@@ -1021,9 +1025,6 @@ def main():
     if a.what == "bench":
         run_bench(tasks[0], root, seeds[0])
     if not DRY_RUN:
-        records = Path(a.records) if a.records else records_dir(Path(a.doc))
-        if records.exists() and not (records / RECORDS_MARK).is_file() and records.resolve() != root.resolve():
-            ap.error(f"--records {records} exists and is not a records folder (no {RECORDS_MARK}): pass another")
         if mpnet or any(m in methods for m in ("kd", "theseus-kd")):
             report_kd(root, Path(a.doc), "12to6" if mpnet else "6to3", records)
         else:
