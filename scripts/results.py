@@ -18,6 +18,9 @@ Every method of a task gets the same number of steps (and, but for the cpu profi
 the same learning rate). Every run writes metrics.json (with its loyalty to the predecessor);
 the task's summary.json collects them. Runs that already finished are not repeated, and a run
 that was killed continues from its checkpoint (`--resume`) when the script is run again.
+A report keeps its inputs (docs/records/<doc name>/: scores, no weights). To continue a grid whose
+run folders are gone (a new machine), copy that folder to ROOT and run the same commands: finished
+runs are kept, and a predecessor is fine-tuned again only where a run still needs its weights.
 
 --profile mpnet (docs/results-12to6.md): MPNet-base 12 -> 6, all five methods, MRPC and RTE first:
 
@@ -183,6 +186,11 @@ def budget(task, profile, data_dir, model=None):
     return seq, ["--epochs", ft_epochs], default_steps(task, data_dir, bs, epochs), bs
 
 
+def has_weights(model_dir: Path) -> bool:
+    """Whether MODEL_DIR holds a model a run can load (config.json and its safetensors), not only scores."""
+    return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
+
+
 def resumable(args, out):
     """`args` plus --resume where a killed run left its checkpoint (OUT.partial/checkpoint.pt):
     finetune and compress then continue at the same step with the same data order and draws."""
@@ -190,8 +198,9 @@ def resumable(args, out):
 
 
 def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_seed=None, profile="cpu",
-              theseus_flags=(), constant=True, variant=None, methods=METHODS):
-    """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs])."""
+              theseus_flags=(), constant=True, variant=None, methods=METHODS, needs_predecessor=False):
+    """The runs one (task, seed) needs that are not finished yet: (predecessor job or None, [method jobs]).
+    `needs_predecessor`: runs planned elsewhere (the ablation's) need the predecessor's weights too."""
     seq, pred_budget, steps, bs = budget(task, profile, data_dir, model)
     out = root / task / f"seed{seed}"
     # --predecessor-seed: compress one fine-tuned predecessor with several seeds (the paper's
@@ -211,9 +220,6 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     if profile == "cpu":
         pred_args += ["--eval-steps", max(1, pred_budget[1] // 3)]
     pred_common = flags(pred_seed)
-    pred_job = None
-    if not (pred / "metrics.json").is_file():
-        pred_job = (resumable([*TD, *pred_args, *pred_common, "--output", pred], pred), pred_out / "predecessor.log")
     lr = SUCCESSOR_LR if profile in ("full", "mpnet") else None
     kd = ["--distill-alpha", KD["alpha"], "--distill-temperature", KD["temperature"]]
     theseus_flags = list(theseus_flags(steps) if callable(theseus_flags) else theseus_flags)
@@ -241,6 +247,11 @@ def plan_task(task, model, root, seed, successor_layers, data_dir, predecessor_s
     jobs = [(name, resumable([*TD, *args, *common, "--output", out / name], out / name), out / f"{name}.log")
             for name, args in runs.items()
             if not (out / name / "metrics.json").is_file() and not (reuse and name == "theseus")]
+    # a predecessor is fine-tuned when it has no metrics.json, or when a run still needs its weights and
+    # they are not there (a root continued from its records, docs/records/<doc>: scores, no weights)
+    pred_job = None
+    if not (pred / "metrics.json").is_file() or ((jobs or needs_predecessor) and not has_weights(pred)):
+        pred_job = (resumable([*TD, *pred_args, *pred_common, "--output", pred], pred), pred_out / "predecessor.log")
     meta = {"task": task, "seed": seed, "model": str(model), "successor_layers": successor_layers,
             "budget": {"profile": profile, "max_seq_length": seq, "predecessor": " ".join(map(str, pred_budget)),
                        "compress_steps": steps, "batch_size": bs, "mixed_precision": PRECISION,
@@ -354,7 +365,10 @@ def run_ablation(tasks, seeds, variants, model, root, successor_layers, data_dir
     into ROOT/ablation/<task>/<variant>-seed<seed>/; writes ROOT/ablation/summary.json."""
     jobs, metas = [], []
     for task in tasks:
-        pred_job, _, meta = plan_task(task, model, root, 42, successor_layers, data_dir, 42, profile, (), False)
+        pending = any(not (root / "ablation" / task / f"{v}-seed{seed}" / "metrics.json").is_file()
+                      for v in variants for seed in seeds)
+        pred_job, _, meta = plan_task(task, model, root, 42, successor_layers, data_dir, 42, profile, (), False,
+                                      methods=(), needs_predecessor=pending)
         if pred_job is not None:
             _parallel([(("predecessor", *pred_job), {})], 1)
         steps, seq, bs = meta["budget"]["compress_steps"], meta["budget"]["max_seq_length"], meta["budget"]["batch_size"]

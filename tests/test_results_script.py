@@ -6,6 +6,7 @@ so the orchestration (shared predecessor, skipping finished runs) and the arithm
 """
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def fake_sh(calls, scores):
         part = out.with_name(f".{out.name}.tmp-test")
         part.mkdir(parents=True)
         (part / "metrics.json").write_text(json.dumps(m))
+        (part / "config.json").write_text("{}")  # a real run's folder is a loadable model
+        (part / "model.safetensors").write_bytes(b"")
+        if out.exists():  # --overwrite
+            shutil.rmtree(out)
         part.rename(out)
         Path(log).write_text("ok")
     return sh
@@ -60,6 +65,31 @@ def test_run_task_shares_one_predecessor_across_seeds(results, tmp_path, monkeyp
     results.run_task("rte", "minilm", tmp_path, 43, 3, None, predecessor_seed=42)
     assert len(calls) == n
     assert json.loads((tmp_path / "rte" / "seed43" / "summary.json").read_text())["seconds"] == s43["seconds"]
+
+
+def test_a_root_continued_from_its_records_fine_tunes_a_predecessor_only_where_a_run_needs_it(
+        results, tmp_path, monkeypatch):
+    """A grid continued on a new machine from docs/records/<doc> (scores, no weights): a predecessor with
+    only its metrics.json is fine-tuned again when a run of its task is still to do, and not when none is."""
+    calls = []
+    scores = {"predecessor": 0.80, "theseus": 0.78, "constant": 0.77, "truncation": 0.75}
+    monkeypatch.setattr(results, "sh", fake_sh(calls, scores))
+    for task in ("rte", "mrpc"):
+        results.run_task(task, "minilm", tmp_path, 42, 3, None, predecessor_seed=42)
+    for task in ("rte", "mrpc"):  # what keep_records copies: no weights anywhere
+        for f in tmp_path.glob(f"{task}/seed42/*/*"):
+            if f.name != "metrics.json":
+                f.unlink()
+    (tmp_path / "rte" / "seed42" / "constant" / "metrics.json").unlink()  # rte has a run to do, mrpc none
+    calls.clear()
+    results.run_task("rte", "minilm", tmp_path, 42, 3, None, predecessor_seed=42)
+    results.run_task("mrpc", "minilm", tmp_path, 42, 3, None, predecessor_seed=42)
+    outs = [Path(c[c.index("--output") + 1]).relative_to(tmp_path).as_posix() for c in calls]
+    assert outs == ["rte/seed42/predecessor", "rte/seed42/constant"]
+    # and a predecessor whose weights are there is not fine-tuned again for a new seed's runs
+    calls.clear()
+    results.run_task("rte", "minilm", tmp_path, 43, 3, None, predecessor_seed=42)
+    assert all(Path(c[c.index("--output") + 1]).name != "predecessor" for c in calls) and len(calls) == 3
 
 
 def write_summary(root, task, seed, pred, theseus, trunc, const):
