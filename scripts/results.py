@@ -20,7 +20,9 @@ the task's summary.json collects them. Runs that already finished are not repeat
 that was killed continues from its checkpoint (`--resume`) when the script is run again.
 A report keeps its inputs (docs/records/<doc name>/: scores, no weights). To continue a grid whose
 run folders are gone (a new machine), copy that folder to ROOT and run the same commands: finished
-runs are kept, and a predecessor is fine-tuned again only where a run still needs its weights.
+runs are kept, and a predecessor is fine-tuned again only where a run still needs its weights
+(same CPU type: the same dev score to the last digit, as measured; on another, compare its new
+metrics.json with the records', since the finished runs compressed the earlier one).
 
 --profile mpnet (docs/results-12to6.md): MPNet-base 12 -> 6, all five methods, MRPC and RTE first:
 
