@@ -2,8 +2,11 @@
 """Training step time: Theseus compress at p=0.5 vs plain fine-tuning of the predecessor, and
 (--distill-alpha) Theseus with knowledge distillation: one extra no-grad predecessor forward per step.
 
-Same model, batch and shapes; the two steps are interleaved (A B A B ...) so machine drift hits
-both; we report medians and the median of paired ratios.
+Same model, batch and shapes; the steps are interleaved (A B A B ...) so machine drift hits
+both; we report medians and the median of paired ratios. Each round draws the modules that run
+their successor once: the Theseus and the Theseus + KD step of a round use the same draw (each
+drew its own, so a paired ratio could compare a step with one successor module in the loop with
+one with three).
 
     python scripts/step_time.py --model ../shared/models/bert-base-uncased --layers 12 --batch-size 8 --seq-len 128
     python scripts/step_time.py --model ~/.cache/theseus-models/all-MiniLM-L6-v2 --batch-size 32 --seq-len 64
@@ -51,6 +54,18 @@ def main():
     ids = torch.randint(1000, vocab - 1, (a.batch_size, a.seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(a.batch_size, dtype=torch.long)}
     gen = torch.Generator().manual_seed(0)
+    draw = []  # this round's replacement draws: the Theseus and Theseus + KD steps of a round share them
+
+    def new_draw():
+        while True:  # an all-predecessor batch trains nothing (and costs nothing): time real steps
+            d = theseus.sample(a.p, gen)
+            if any(d):
+                draw[:] = d
+                return
+
+    def use_draw():
+        for m, d in zip(theseus.modules_, draw):
+            m.use_successor = d
 
     def step_plain():
         loss = plain(**batch).loss
@@ -59,8 +74,7 @@ def main():
         opt_plain.zero_grad()
 
     def step_theseus():
-        while not any(theseus.sample(a.p, gen)):
-            pass  # an all-predecessor batch trains nothing (and costs nothing): time real steps
+        use_draw()
         loss = theseus(**batch).loss
         loss.backward()
         opt_th.step()
@@ -75,8 +89,7 @@ def main():
         inputs = {k: v for k, v in batch.items() if k != "labels"}
 
         def step_theseus_kd():  # as a step of recipes/compress.py: student forward, teacher forward, combined loss
-            while not any(theseus.sample(a.p, gen)):
-                pass
+            use_draw()
             out = theseus(**batch)
             loss = distiller.loss(out.loss, out.logits, inputs)
             loss.backward()
@@ -84,10 +97,12 @@ def main():
             opt_th.zero_grad()
 
         steps.append(("theseus_kd", step_theseus_kd))
+    new_draw()
     for _, f in steps:  # warm-up
         f()
     times = {name: [] for name, _ in steps}
     for _ in range(a.reps):
+        new_draw()  # so a paired ratio compares steps with the same successor modules in the loop
         for name, f in steps:
             t0 = time.perf_counter()
             f()

@@ -441,3 +441,116 @@ def test_evaluate_reference_regression_is_pearson(tmp_path):
     assert set(e["loyalty"]) == {"pearson"} and -1 <= e["loyalty"]["pearson"] <= 1 and math.isfinite(e["loyalty"]["pearson"])
     r = CliRunner().invoke(cli, ["evaluate", "--model", str(a), "--reference", str(a), *args])
     assert json.loads(r.output[r.output.index("{"):])["loyalty"]["pearson"] == pytest.approx(1.0)
+
+
+def swapped_labels(src, path):
+    """`src` with its two label ids swapped (classifier rows and id2label/label2id): the same model,
+    its logits' columns in the other order. Loyalty to it must be computed by label name, not id."""
+    m = AutoModelForSequenceClassification.from_pretrained(src)
+    with torch.no_grad():
+        m.classifier.weight.copy_(m.classifier.weight.flip(0))
+        m.classifier.bias.copy_(m.classifier.bias.flip(0))
+    names = [m.config.id2label[i] for i in range(2)][::-1]
+    m.config.id2label, m.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    m.save_pretrained(path)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(src).save_pretrained(path)
+    return str(path)
+
+
+def test_evaluate_reference_with_its_label_ids_in_another_order_is_fully_loyal(predecessor, toy, tmp_path):
+    """A reference that is the same model with its label ids swapped decides the same on every
+    row: loyalty 1, not the 0 that comparing column i with column i would give."""
+    ref = swapped_labels(predecessor, tmp_path / "swapped")
+    r = CliRunner().invoke(cli, ["evaluate", "--model", str(predecessor), "--reference", ref, *toy_args(toy),
+                                 "--max-seq-length", "16", "--output", str(tmp_path / "e.json")])
+    assert r.exit_code == 0, r.output
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["loyalty"]["label"] == 1.0 and e["loyalty"]["probability"] == pytest.approx(1.0, abs=1e-5)
+    assert e["reference_metrics"]["score"] == pytest.approx(e["metrics"]["score"])
+
+
+def test_finetune_teacher_with_its_label_ids_in_another_order_gives_the_students_order(predecessor, toy, tmp_path):
+    """Vanilla KD from a teacher whose label ids are swapped: its soft targets and the loyalty
+    reference are the unswapped model's logits, column for column, and the whole run is the run
+    with the unswapped teacher."""
+    from theseus_deploy.recipes.common import predict
+
+    kw = dict(distill_alpha=0.5, distill_temperature=2.0)
+    plain = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a", teacher=str(predecessor), **kw)).setup()
+    swapped = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", teacher=swapped_labels(predecessor, tmp_path / "t"),
+                                  **kw)).setup()
+    own, _ = predict(AutoModelForSequenceClassification.from_pretrained(predecessor), swapped.dev_loader)
+    np.testing.assert_allclose(swapped.reference_logits, own, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(swapped.reference_logits, plain.reference_logits, rtol=1e-5, atol=1e-5)
+    batch = next(iter(swapped.dev_loader))
+    batch.pop("labels")
+    torch.testing.assert_close(swapped.distiller.teacher(batch), plain.distiller.teacher(batch), rtol=1e-5, atol=1e-5)
+    plain.train(), swapped.train()
+    # the same run up to float rounding (teacher logits agree to 1e-5, not bit for bit); a teacher
+    # read in the wrong label order would pull the student to the opposite labels
+    a, b = swapped.summary()["loyalty"], plain.summary()["loyalty"]
+    assert a["label"] == b["label"] and a["probability"] == pytest.approx(b["probability"], abs=2e-3)
+
+
+def test_finetune_teacher_is_frozen_in_eval_mode_and_outside_autograd(predecessor, toy, tmp_path):
+    """The vanilla-KD teacher stays in eval mode (the tiny models have dropout 0.1: in train mode two
+    calls on one batch would differ) and its logits carry no graph, through training."""
+    kd = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "o", distill_alpha=0.5, distill_temperature=2.0)).setup()
+    kd.train()
+    assert not kd.teacher.training
+    batch = next(iter(kd.dev_loader))
+    batch.pop("labels")
+    with torch.enable_grad():
+        a, b = kd.distiller.teacher(batch), kd.distiller.teacher(batch)
+    assert not a.requires_grad and torch.equal(a, b)
+    from theseus_deploy.recipes.common import predict
+
+    own, _ = predict(AutoModelForSequenceClassification.from_pretrained(predecessor), kd.dev_loader)
+    np.testing.assert_allclose(a.numpy(), own[: len(a)], rtol=1e-5, atol=1e-5)
+
+
+def test_a_teacher_that_reads_fewer_inputs_gets_only_those_for_kd_and_for_the_loyalty_reference(predecessor, toy, tmp_path,
+                                                                                                monkeypatch):
+    """A BERT student's batches carry token_type_ids; a DistilBERT teacher takes none. Its soft
+    targets and the loyalty reference both pass it only the inputs it reads (the reference passed
+    every entry of the batch, which a model without **kwargs refuses)."""
+    from transformers import DistilBertForSequenceClassification
+
+    teacher = tiny_distilbert(tmp_path / "distil")
+    seen = []
+    forward = DistilBertForSequenceClassification.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(sorted(k for k, v in kwargs.items() if v is not None))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistilBertForSequenceClassification, "forward", recording)
+    r = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "o", teacher=teacher, distill_alpha=0.5, max_steps=2)).setup()
+    assert "token_type_ids" in next(iter(r.dev_loader))  # the student's batches do carry them
+    r.train()
+    assert seen and all(k == ["attention_mask", "input_ids"] for k in seen), seen
+
+
+@pytest.mark.parametrize("command", ["compress", "finetune", "sweep"])
+def test_a_temperature_on_a_regression_task_is_refused_not_ignored(command, tmp_path):
+    """Regression's soft target is the MSE of the two predictions: --distill-temperature changed
+    nothing there, silently. Refused before anything is written (real processes)."""
+    import subprocess
+    import sys
+
+    rows = ["text,label"] + [f"{' '.join(WORDS[: 3 + i % 7])},{(i % 5) * 0.7:.2f}" for i in range(24)]
+    (tmp_path / "r.csv").write_text("\n".join(rows) + "\n")
+    model = make_tiny_model(tmp_path / "m", "bert", 2, num_labels=1, seed=1)
+    argv = [command, "--model", str(model), "--task", "custom", "--train-file", str(tmp_path / "r.csv"),
+            "--validation-file", str(tmp_path / "r.csv"), "--text-columns", "text", "--label-column", "label",
+            "--problem-type", "regression", "--max-seq-length", "16", "--distill-alpha", "0.5",
+            "--distill-temperature", "2", "--output", str(tmp_path / "out")]
+    argv += {"compress": ["--max-steps", "2", "--successor-layers", "1"], "finetune": ["--max-steps", "2", "--keep-layers", "1"],
+             "sweep": ["--depths", "1", "--backends", "torch"]}[command]
+    before = sorted(tmp_path.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "theseus_deploy", *argv], capture_output=True, text=True, timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert err[0].startswith("error: --distill-temperature 2 has no effect on a regression task"), r.stderr
+    assert sorted(tmp_path.rglob("*")) == before

@@ -46,6 +46,14 @@ def combine(task: torch.Tensor, soft: torch.Tensor, alpha: float) -> torch.Tenso
     return (1.0 - alpha) * task + alpha * soft
 
 
+def check_for_task(alpha: float, temperature: float, regression: bool) -> None:
+    """A temperature on a regression task is refused, not ignored: its soft target is the MSE of the
+    two predictions, which no temperature changes (compress, finetune, sweep: where the task is known)."""
+    if regression and alpha > 0 and temperature != 1.0:
+        raise UsageError(f"--distill-temperature {temperature:g} has no effect on a regression task (its soft "
+                         "target is the MSE of the two predictions): leave it at 1")
+
+
 class Distiller:
     """The soft-target term of one run: `teacher(batch)` gives the teacher's logits in the
     student's label order; `loss(task, student_logits, batch)` the combined loss."""

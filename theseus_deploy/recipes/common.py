@@ -43,12 +43,13 @@ def rank_loader(loader, batches):
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over a (make_loader) loader, in eval mode, every row exactly once and in
-    order. Under several processes rank r runs batches r, r+N, ... of the one-process batch list
-    on the unwrapped model (no collective inside the loop, so a rank with one batch fewer cannot
-    hang) and the logits are gathered once and put back in order: the rows, the batches and (on
-    CPU) the logits bit for bit are those of one process."""
+def predict(model, loader, accelerator=None, inputs: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over a (make_loader) loader, in eval mode, every row exactly once and in order;
+    `inputs`: only these batch entries reach the model (a teacher or reference that reads fewer inputs
+    than the batches carry, as distill.model_teacher gives it). Under several processes rank r runs
+    batches r, r+N, ... of the one-process batch list on the unwrapped model (no collective inside the
+    loop, so a rank with one batch fewer cannot hang) and the logits are gathered once and put back in
+    order: the rows, the batches and (on CPU) the logits bit for bit are those of one process."""
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     was_training = model.training
@@ -61,6 +62,8 @@ def predict(model, loader, accelerator=None) -> tuple[np.ndarray, np.ndarray]:
     for i, batch in zip(indices, mine):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
+        if inputs is not None:
+            batch = {k: v for k, v in batch.items() if k in inputs}
         logits = model(**batch).logits.float()
         out.append((i, logits.cpu().numpy(), labels.cpu().numpy()))
     model.train(was_training)

@@ -91,7 +91,7 @@ class FinetuneRecipe(Run):
         else:
             return None
         ref.to(self.acc.device)
-        logits, _ = predict(ref, self.dev_loader, self.acc)
+        logits, _ = predict(ref, self.dev_loader, self.acc, inputs=model_input_names(ref))  # what KD's teacher reads
         return logits if order is None else logits[:, order.numpy()]
 
     # ================================================================== train

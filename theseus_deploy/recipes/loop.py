@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .. import config as C
 from .. import dist
 from ..data import check_training_labels, encode, label_mapping, load_from_config, make_loader, positive_id
+from ..distill import check_for_task
 from ..errors import UsageError
 from ..hf import (check_max_seq_length, check_model_source, check_tokenizer_fits, load_config, load_tokenizer,
                   model_input_names)
@@ -101,6 +102,7 @@ class Run:
         check_training_labels(self.train_data)
         self.dev_data = load_from_config(cfg, "dev", spec=self.train_data.spec)
         self.spec = self.train_data.spec
+        check_for_task(cfg.distill_alpha, cfg.distill_temperature, self.spec.is_regression)
         self.tokenizer = load_tokenizer(cfg.model)
         check_tokenizer_fits(cfg.model, load_config(cfg.model), self.tokenizer)
 

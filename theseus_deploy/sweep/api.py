@@ -32,6 +32,7 @@ from theseus_deploy.bench.api import check_backends
 from theseus_deploy.bench.env import environment
 from theseus_deploy.bench.sweep import Entry
 from theseus_deploy.data import label_mapping, load_from_config, positive_id
+from theseus_deploy.distill import check_for_task
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
 from theseus_deploy.export.validate import ValidationError, task_logits
@@ -243,6 +244,7 @@ def _run_sweep(cfg, show_progress: bool) -> dict:
     _check_dir(out, cfg)
     train = load_from_config(cfg, "train")
     dev = load_from_config(cfg, "dev", spec=train.spec)
+    check_for_task(cfg.distill_alpha, cfg.distill_temperature, dev.spec.is_regression)  # as compress would, later
     mapping = label_mapping(dev.spec, pred_config)
     if mapping is not None:
         dev.labels = mapping[dev.labels]
