@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import make_tiny_model
 from test_train import WORDS, write_toy
@@ -17,6 +17,7 @@ from theseus_deploy.config import CompressConfig, FinetuneConfig
 from theseus_deploy.distill import combine, soft_target_loss, student_order
 from theseus_deploy.errors import UsageError
 from theseus_deploy.loyalty import js_distance, loyalty
+from theseus_deploy.recipes.common import predict
 from theseus_deploy.recipes.compress import CompressRecipe
 from theseus_deploy.recipes.finetune import FinetuneRecipe
 
@@ -453,7 +454,6 @@ def swapped_labels(src, path):
     names = [m.config.id2label[i] for i in range(2)][::-1]
     m.config.id2label, m.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
     m.save_pretrained(path)
-    from transformers import AutoTokenizer
     AutoTokenizer.from_pretrained(src).save_pretrained(path)
     return str(path)
 
@@ -473,9 +473,7 @@ def test_evaluate_reference_with_its_label_ids_in_another_order_is_fully_loyal(p
 def test_finetune_teacher_with_its_label_ids_in_another_order_gives_the_students_order(predecessor, toy, tmp_path):
     """Vanilla KD from a teacher whose label ids are swapped: its soft targets and the loyalty
     reference are the unswapped model's logits, column for column, and the whole run is the run
-    with the unswapped teacher."""
-    from theseus_deploy.recipes.common import predict
-
+    with the unswapped teacher, up to float rounding."""
     kw = dict(distill_alpha=0.5, distill_temperature=2.0)
     plain = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "a", teacher=str(predecessor), **kw)).setup()
     swapped = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", teacher=swapped_labels(predecessor, tmp_path / "t"),
@@ -504,8 +502,6 @@ def test_finetune_teacher_is_frozen_in_eval_mode_and_outside_autograd(predecesso
     with torch.enable_grad():
         a, b = kd.distiller.teacher(batch), kd.distiller.teacher(batch)
     assert not a.requires_grad and torch.equal(a, b)
-    from theseus_deploy.recipes.common import predict
-
     own, _ = predict(AutoModelForSequenceClassification.from_pretrained(predecessor), kd.dev_loader)
     np.testing.assert_allclose(a.numpy(), own[: len(a)], rtol=1e-5, atol=1e-5)
 
