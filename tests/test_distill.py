@@ -174,6 +174,40 @@ def test_resume_of_a_checkpoint_from_before_distillation(predecessor, toy, tmp_p
     assert same(successor(full), successor(resumed))
 
 
+@pytest.mark.parametrize("later_improves", [False, True])
+@pytest.mark.parametrize("recipe", ["compress", "finetune"])
+def test_resume_of_a_checkpoint_from_before_loyalty(recipe, later_improves, predecessor, toy, tmp_path, capsys):
+    """A checkpoint whose best weights carry no loyalty figure (written before loyalty was measured)
+    resumes, saying in one line that the kept weights have none; the training is the uninterrupted
+    run's. metrics.json has no loyalty entry while those weights stay the best, none is made up;
+    when a later evaluation replaces them (here: the checkpoint's best score lowered, so step 8's
+    evaluation wins) it has that evaluation's figure, the uninterrupted run's at step 8."""
+    Recipe, cfg = (CompressRecipe, ccfg) if recipe == "compress" else (FinetuneRecipe, fcfg)
+    kw = dict(max_steps=8, eval_steps=4)
+    full = Recipe(cfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
+    part = Recipe(cfg(predecessor, toy, tmp_path / "b", **kw))
+    part.cfg.stop_after_steps = 5  # the step-4 evaluation's weights are the best kept
+    part.setup().train()
+    path = tmp_path / "b.partial" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["best"]["step"] == 4 and state["best"].pop("loyalty")
+    if later_improves:
+        state["best"]["score"] = -1e9
+    torch.save(state, path)
+    capsys.readouterr()
+    resumed = Recipe(cfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
+    said = [x for x in capsys.readouterr().err.splitlines() if "no loyalty figure" in x]
+    assert len(said) == 1 and "best weights (step 4)" in said[0], said
+    resumed.train()
+    assert same(successor(full), successor(resumed))
+    m = resumed.metrics()
+    if later_improves:
+        at8 = [h["loyalty"] for h in full.history if h.get("step") == 8 and "eval" in h]
+        assert m["best_step"] == 8 and len(at8) == 1 and m["loyalty"] == at8[0]
+    else:
+        assert m["best_step"] == 4 and "loyalty" not in m
+
+
 def test_compress_reports_loyalty_in_summary_and_metrics(predecessor, toy, tmp_path):
     out = tmp_path / "o"
     r = CliRunner().invoke(cli, ["compress", "--model", str(predecessor), *toy_args(toy), "--output", str(out),
@@ -550,3 +584,78 @@ def test_a_temperature_on_a_regression_task_is_refused_not_ignored(command, tmp_
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert err[0].startswith("error: --distill-temperature 2 has no effect on a regression task"), r.stderr
     assert sorted(tmp_path.rglob("*")) == before
+
+
+# ------------------------------------------------------------------ KD on a regression task, end to end
+@pytest.fixture(scope="module")
+def regression(tmp_path_factory):
+    """A regression task (the score is the number of 'great's) and a tiny model fine-tuned on it."""
+    d = tmp_path_factory.mktemp("reg")
+    for name, n, seed in (("train", 192, 0), ("dev", 48, 1)):
+        rng = np.random.default_rng(seed)
+        rows = ["text,label"]
+        for i in range(n):
+            k = i % 4
+            words = [str(w) for w in rng.choice(WORDS, size=int(rng.integers(4, 9)))] + ["great"] * k
+            rows.append(f"{' '.join(rng.permutation(words))},{k * 1.25:.2f}")
+        (d / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    args = ["--task", "custom", "--train-file", str(d / "train.csv"), "--validation-file", str(d / "dev.csv"),
+            "--text-columns", "text", "--label-column", "label", "--problem-type", "regression",
+            "--max-seq-length", "16", "--batch-size", "16"]
+    base = make_tiny_model(d / "base", "bert", 4, num_labels=1)
+    r = CliRunner().invoke(cli, ["finetune", "--model", str(base), *args, "--output", str(d / "pred"), "--lr", "1e-3",
+                                 "--max-steps", "24", "--eval-steps", "24"])
+    assert r.exit_code == 0, r.output
+    i = args.index("--train-file")
+    return d / "pred", args, args[:i] + args[i + 2:]
+
+
+@pytest.mark.parametrize("command", ["compress", "finetune"])
+def test_kd_on_a_regression_task_is_the_mse_to_the_teachers_prediction(command, regression, tmp_path, monkeypatch):
+    """Theseus + KD and vanilla KD on a regression task, through the real CLI: every soft-target
+    term is the MSE of the student's prediction to its teacher's (the predecessor's, a column each),
+    the run differs from the one without KD, and metrics.json names the distillation and the
+    successor's loyalty as the Pearson correlation of the two predictions, the figure evaluate
+    --reference recomputes from the saved models."""
+    import torch.nn.functional as F
+
+    import theseus_deploy.distill as distill
+
+    pred, args, dev_args = regression
+    calls, soft = [], distill.soft_target_loss
+
+    def recording(student, teacher, temperature, regression):
+        calls.append((tuple(student.shape), tuple(teacher.shape), regression,
+                      float(F.mse_loss(student.detach().float().reshape(-1), teacher.float().reshape(-1)))))
+        out = soft(student, teacher, temperature, regression)
+        calls[-1] += (float(out.detach()),)
+        return out
+
+    monkeypatch.setattr(distill, "soft_target_loss", recording)
+    flags = {"compress": ["--successor-layers", "2", "--steps-to-full", "3", "--unfreeze-head"],
+             "finetune": ["--keep-layers", "2"]}[command]
+    run = [command, "--model", str(pred), *args, *flags, "--lr", "1e-3", "--max-steps", "8", "--eval-steps", "4",
+           "--log-steps", "1"]
+    r = CliRunner().invoke(cli, [*run, "--output", str(tmp_path / "kd"), "--distill-alpha", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert calls and all(c[2] is True and c[0] == c[1] == (c[0][0], 1) for c in calls), calls[:2]
+    assert all(c[3] == pytest.approx(c[4], rel=1e-6, abs=1e-9) for c in calls)
+    m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert m["distill"]["alpha"] == 0.5 and m["distill"]["temperature"] == 1.0
+    assert set(m["loyalty"]) == {"pearson"} and -1 <= m["loyalty"]["pearson"] <= 1
+    assert "pearson" in m["dev"]  # a regression metric, not accuracy
+    log = [json.loads(x) for x in (tmp_path / "kd" / "train_log.jsonl").read_text().splitlines()]
+    logged = [h["soft_loss"] for h in log if h.get("loss") is not None]
+    # each logged step's soft term (--log-steps 1: one step each) is one of the recorded MSEs
+    assert logged and all(any(x == pytest.approx(c[4], rel=1e-5) for c in calls) for x in logged)
+    calls.clear()
+    r = CliRunner().invoke(cli, [*run, "--output", str(tmp_path / "plain")])
+    assert r.exit_code == 0 and not calls, r.output  # no KD: no soft-target term at all
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "kd").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").state_dict()
+    assert not same(a, b)
+    ev = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path / "kd"), "--reference", str(pred),
+                                  *dev_args, "--json"])
+    assert ev.exit_code == 0, ev.output
+    e = json.loads(ev.output[ev.output.index("{"):])
+    assert e["loyalty"]["pearson"] == pytest.approx(m["loyalty"]["pearson"], abs=1e-5)

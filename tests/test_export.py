@@ -4,8 +4,11 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from theseus_deploy.config import ExportConfig
+from theseus_deploy.data import load_task
 from click.testing import CliRunner
 
 from theseus_deploy.export.api import export_model
@@ -19,7 +22,6 @@ from theseus_deploy.errors import UsageError
 def _trt_and_gpu() -> bool:
     try:
         import tensorrt  # noqa: F401
-        import torch
     except ImportError:
         return False
     return torch.cuda.is_available()
@@ -169,8 +171,6 @@ def test_trt_absent_message(tiny_bert, tmp_path):
 @pytest.mark.gpu
 def test_trt_engine_builds_and_matches(tiny_bert, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT not installed")
-    import torch
-
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     m = export_model(ExportConfig.of(model=str(tiny_bert), formats=["trt"], output=str(tmp_path / "t"),
@@ -225,6 +225,37 @@ def test_min_loyalty_refuses_an_artifact_and_writes_nothing(tmp_path, glue_dir):
     assert not (tmp_path / "no").exists()
     r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "at"),
                                  "--min-loyalty", f"{max(0.0, pearson - 1e-6):.6f}"])
+    assert r.exit_code == 0, r.output
+
+
+def test_min_loyalty_on_a_classifier_compares_label_loyalty(tmp_path, glue_dir):
+    """Classification: the limit compares label loyalty, the share of dev rows where the artifact
+    and PyTorch pick the same label. A tiny model whose head is moved to sit on the median of its own
+    dev margins (half its rows a hair's breadth either side of a tie) has INT8 flip rows; above the
+    recorded share the export is refused (one line, exit 2, no folder), at it, it passes."""
+    from tiny import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "m", "bert", 2)
+    model, tok = AutoModelForSequenceClassification.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src)
+    data = load_task("sst2", str(glue_dir), "dev", max_samples=48)
+    with torch.no_grad():
+        z = model(**tok([t[0] for t in data.texts], truncation=True, max_length=64, padding=True,
+                        return_tensors="pt")).logits
+        model.classifier.bias[1] -= float((z[:, 1] - z[:, 0]).median())
+    model.save_pretrained(tmp_path / "tie")
+    tok.save_pretrained(tmp_path / "tie")
+    flags = ["--model", str(tmp_path / "tie"), "--format", "onnx-int8", "--max-seq-length", "64", "--task", "sst2",
+             "--data-dir", str(glue_dir), "--max-eval-samples", "48", "--max-task-drop", "1"]
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output
+    loy = json.loads((tmp_path / "ok" / "manifest.json").read_text())["artifacts"][0]["validation"]["task"]["loyalty"]
+    assert set(loy) == {"label", "probability"} and 0 < loy["label"] < 1, loy
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "no"), "--min-loyalty",
+                                 repr(loy["label"] + 0.5 / 48)])
+    assert r.exit_code == 2, r.output
+    assert f"onnx-int8: label loyalty to PyTorch on dev {loy['label']:.4f} < --min-loyalty" in r.output
+    assert not (tmp_path / "no").exists()
+    r = CliRunner().invoke(cli, ["export", *flags, "--output", str(tmp_path / "at"), "--min-loyalty", repr(loy["label"])])
     assert r.exit_code == 0, r.output
 
 

@@ -378,6 +378,11 @@ class Run:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             raise UsageError(f"--resume: {path} does not fit this run ({type(e).__name__}: {first})") from None
         log(f"[{self.kind}] resumed from {path} at step {self.step}")
+        if self.best_step >= 0 and self.best_loyalty is None and self.reference_logits is not None:
+            # a checkpoint from before loyalty was measured: its kept weights' figure was never taken
+            log(f"[{self.kind}] the checkpoint's best weights (step {self.best_step}) have no loyalty figure (it "
+                "was written before loyalty was measured): metrics.json gets one only if a later evaluation "
+                "improves on them; `evaluate --model OUTPUT --reference MODEL` measures it for the saved model")
 
     # ================================================================== output
     def run_config(self) -> dict:
