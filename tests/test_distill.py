@@ -12,6 +12,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import make_tiny_model
 from test_train import WORDS, write_toy
+import theseus_deploy.distill as distill
 from theseus_deploy.cli import cli
 from theseus_deploy.config import CompressConfig, FinetuneConfig
 from theseus_deploy.distill import combine, soft_target_loss, student_order
@@ -178,23 +179,26 @@ def test_resume_of_a_checkpoint_from_before_distillation(predecessor, toy, tmp_p
 @pytest.mark.parametrize("recipe", ["compress", "finetune"])
 def test_resume_of_a_checkpoint_from_before_loyalty(recipe, later_improves, predecessor, toy, tmp_path, capsys):
     """A checkpoint whose best weights carry no loyalty figure (written before loyalty was measured)
-    resumes, saying in one line that the kept weights have none; the training is the uninterrupted
-    run's. metrics.json has no loyalty entry while those weights stay the best, none is made up;
-    when a later evaluation replaces them (here: the checkpoint's best score lowered, so step 8's
-    evaluation wins) it has that evaluation's figure, the uninterrupted run's at step 8."""
+    resumes, saying in one line that the kept weights have none (a checkpoint with its figure says
+    nothing); the training is the uninterrupted run's. metrics.json has no loyalty entry while those
+    weights stay the best (here: the checkpoint's best score raised out of reach), none is made up;
+    when a later evaluation replaces them (the best score lowered, so step 8's evaluation wins) it
+    has that evaluation's figure, the uninterrupted run's at step 8."""
     Recipe, cfg = (CompressRecipe, ccfg) if recipe == "compress" else (FinetuneRecipe, fcfg)
     kw = dict(max_steps=8, eval_steps=4)
     full = Recipe(cfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
     part = Recipe(cfg(predecessor, toy, tmp_path / "b", **kw))
     part.cfg.stop_after_steps = 5  # the step-4 evaluation's weights are the best kept
     part.setup().train()
+    capsys.readouterr()
+    Recipe(cfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
+    assert "no loyalty figure" not in capsys.readouterr().err  # a checkpoint with its figure
     path = tmp_path / "b.partial" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
-    assert state["best"]["step"] == 4 and state["best"].pop("loyalty")
-    if later_improves:
-        state["best"]["score"] = -1e9
+    loy = state["best"].pop("loyalty")
+    assert state["best"]["step"] == 4 and loy
+    state["best"]["score"] = -1e9 if later_improves else 1e9
     torch.save(state, path)
-    capsys.readouterr()
     resumed = Recipe(cfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
     said = [x for x in capsys.readouterr().err.splitlines() if "no loyalty figure" in x]
     assert len(said) == 1 and "best weights (step 4)" in said[0], said
@@ -206,6 +210,20 @@ def test_resume_of_a_checkpoint_from_before_loyalty(recipe, later_improves, pred
         assert m["best_step"] == 8 and len(at8) == 1 and m["loyalty"] == at8[0]
     else:
         assert m["best_step"] == 4 and "loyalty" not in m
+
+
+def test_resume_of_a_run_that_measures_no_loyalty_says_nothing_of_it(predecessor, toy, tmp_path, capsys):
+    """A plain fine-tune (no --keep-layers, no teacher) has nothing to be loyal to: its checkpoints
+    never carry a figure, and resuming one is not a checkpoint from before loyalty."""
+    part = FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", keep_layers=None, max_steps=8, eval_steps=4))
+    part.cfg.stop_after_steps = 5
+    part.setup().train()
+    assert part.reference_logits is None and part.best_step == 4
+    capsys.readouterr()
+    FinetuneRecipe(fcfg(predecessor, toy, tmp_path / "b", keep_layers=None, max_steps=8, eval_steps=4,
+                        resume=True)).setup()
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "no loyalty figure" not in err
 
 
 def test_compress_reports_loyalty_in_summary_and_metrics(predecessor, toy, tmp_path):
@@ -589,7 +607,8 @@ def test_a_temperature_on_a_regression_task_is_refused_not_ignored(command, tmp_
 # ------------------------------------------------------------------ KD on a regression task, end to end
 @pytest.fixture(scope="module")
 def regression(tmp_path_factory):
-    """A regression task (the score is the number of 'great's) and a tiny model fine-tuned on it."""
+    """A regression task (the score is 1.25 per 'great' in the text) and a tiny model fine-tuned on it
+    for a few steps (what it learned does not matter here: only that its head is a regression one)."""
     d = tmp_path_factory.mktemp("reg")
     for name, n, seed in (("train", 192, 0), ("dev", 48, 1)):
         rng = np.random.default_rng(seed)
@@ -613,41 +632,47 @@ def regression(tmp_path_factory):
 @pytest.mark.parametrize("command", ["compress", "finetune"])
 def test_kd_on_a_regression_task_is_the_mse_to_the_teachers_prediction(command, regression, tmp_path, monkeypatch):
     """Theseus + KD and vanilla KD on a regression task, through the real CLI: every soft-target
-    term is the MSE of the student's prediction to its teacher's (the predecessor's, a column each),
-    the run differs from the one without KD, and metrics.json names the distillation and the
-    successor's loyalty as the Pearson correlation of the two predictions, the figure evaluate
-    --reference recomputes from the saved models."""
-    import torch.nn.functional as F
-
-    import theseus_deploy.distill as distill
-
+    term is the MSE of the student's prediction to its teacher's, and the teacher's prediction is the
+    predecessor's on that batch (one column); each trained step logs its term; the run differs from the
+    one without KD, and metrics.json names the distillation and the successor's loyalty as the
+    Pearson correlation of the two predictions, the figure evaluate --reference recomputes from the
+    saved models."""
     pred, args, dev_args = regression
-    calls, soft = [], distill.soft_target_loss
+    own = AutoModelForSequenceClassification.from_pretrained(pred).eval()
+    calls, wanted, soft, loss = [], [], distill.soft_target_loss, distill.Distiller.loss
 
-    def recording(student, teacher, temperature, regression):
-        calls.append((tuple(student.shape), tuple(teacher.shape), regression,
-                      float(F.mse_loss(student.detach().float().reshape(-1), teacher.float().reshape(-1)))))
-        out = soft(student, teacher, temperature, regression)
-        calls[-1] += (float(out.detach()),)
+    def recording(student, teacher, temperature, is_regression):
+        out = soft(student, teacher, temperature, is_regression)
+        calls.append({"student": student.detach().float(), "teacher": teacher.detach().float(),
+                      "regression": is_regression, "soft": float(out.detach())})
         return out
 
+    def with_the_predecessor(self, task, student_logits, batch):
+        with torch.no_grad():
+            wanted.append(own(**{k: v for k, v in batch.items() if k != "labels"}).logits.float())
+        return loss(self, task, student_logits, batch)
+
     monkeypatch.setattr(distill, "soft_target_loss", recording)
+    monkeypatch.setattr(distill.Distiller, "loss", with_the_predecessor)
     flags = {"compress": ["--successor-layers", "2", "--steps-to-full", "3", "--unfreeze-head"],
              "finetune": ["--keep-layers", "2"]}[command]
     run = [command, "--model", str(pred), *args, *flags, "--lr", "1e-3", "--max-steps", "8", "--eval-steps", "4",
            "--log-steps", "1"]
     r = CliRunner().invoke(cli, [*run, "--output", str(tmp_path / "kd"), "--distill-alpha", "0.5"])
     assert r.exit_code == 0, r.output
-    assert calls and all(c[2] is True and c[0] == c[1] == (c[0][0], 1) for c in calls), calls[:2]
-    assert all(c[3] == pytest.approx(c[4], rel=1e-6, abs=1e-9) for c in calls)
+    assert calls and len(calls) == len(wanted)
+    for c, want in zip(calls, wanted):
+        assert c["regression"] is True and c["student"].shape == c["teacher"].shape == (len(want), 1)
+        torch.testing.assert_close(c["teacher"], want, rtol=1e-5, atol=1e-6)
+        assert c["soft"] == pytest.approx(float(((c["student"] - want) ** 2).mean()), rel=1e-5, abs=1e-9)
     m = json.loads((tmp_path / "kd" / "metrics.json").read_text())
     assert m["distill"]["alpha"] == 0.5 and m["distill"]["temperature"] == 1.0
     assert set(m["loyalty"]) == {"pearson"} and -1 <= m["loyalty"]["pearson"] <= 1
     assert "pearson" in m["dev"]  # a regression metric, not accuracy
     log = [json.loads(x) for x in (tmp_path / "kd" / "train_log.jsonl").read_text().splitlines()]
-    logged = [h["soft_loss"] for h in log if h.get("loss") is not None]
-    # each logged step's soft term (--log-steps 1: one step each) is one of the recorded MSEs
-    assert logged and all(any(x == pytest.approx(c[4], rel=1e-5) for c in calls) for x in logged)
+    # --log-steps 1: a line per step; steps with a loss are the trained ones, each its own term
+    assert [h["soft_loss"] for h in log if h.get("loss") is not None] == pytest.approx([c["soft"] for c in calls],
+                                                                                       rel=1e-5)
     calls.clear()
     r = CliRunner().invoke(cli, [*run, "--output", str(tmp_path / "plain")])
     assert r.exit_code == 0 and not calls, r.output  # no KD: no soft-target term at all
