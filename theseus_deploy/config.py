@@ -198,8 +198,9 @@ class TrainConfig(DataConfig):
                                     "KL(softmax(teacher/T) || softmax(student/T)) (regression: MSE of the two predictions) "
                                     "against the teacher's logits on the same batch (compress: the predecessor; finetune: "
                                     "--teacher, default --model before --keep-layers). 0: off.", resume=True, ge=0, le=1)
-    distill_temperature: float = opt(1.0, "Temperature T of the soft targets (needs --distill-alpha > 0; "
-                                          "classification: refused on a regression task).", resume=True, gt=0)
+    distill_temperature: float = opt(1.0, "Temperature T of the soft targets, classification only (needs "
+                                          "--distill-alpha > 0; a T other than 1 is refused on a regression task).",
+                                     resume=True, gt=0)
 
     def __post_init__(self):
         super().__post_init__()
