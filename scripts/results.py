@@ -96,6 +96,8 @@ VARIANTS = {
     "short-replacement": lambda S: ["--no-unfreeze-head", "--steps-to-full", max(1, S // 4)],
     "long-replacement": lambda S: ["--no-unfreeze-head", "--steps-to-full", max(1, 3 * S // 4)],
     "unfreeze-short": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4)],
+    # what truncation trains and Theseus keeps frozen (docs/results.md's reading of SST-2): the embeddings
+    "unfreeze-short-emb": lambda S: ["--unfreeze-head", "--unfreeze-embeddings", "--steps-to-full", max(1, S // 4)],
     # the distillation option on top of the default recipe (which soft targets, if any, compress
     # should default to): each names A and T, and the no-KD control is unfreeze-short itself
     "kd-a0.5-t2": lambda S: ["--unfreeze-head", "--steps-to-full", max(1, S // 4),

@@ -102,11 +102,16 @@ def test_compress_alpha_zero_is_bit_identical_and_alpha_changes_training(predece
     assert kd.summary()["distill"] == {"alpha": 0.5, "temperature": 2.0}
 
 
-def test_compress_teacher_is_the_predecessor_with_its_original_head(predecessor, toy, tmp_path):
-    """The teacher's logits are the predecessor's (eval mode), also after --unfreeze-head changed the head."""
-    r = CompressRecipe(ccfg(predecessor, toy, tmp_path / "o", distill_alpha=0.5, max_steps=8, steps_to_full=2)).setup()
+@pytest.mark.parametrize("embeddings", [False, True])
+def test_compress_teacher_is_the_predecessor_with_its_original_head(embeddings, predecessor, toy, tmp_path):
+    """The teacher's logits are the predecessor's (eval mode), also after --unfreeze-head changed the
+    head and --unfreeze-embeddings the embeddings."""
+    r = CompressRecipe(ccfg(predecessor, toy, tmp_path / "o", distill_alpha=0.5, max_steps=8, steps_to_full=2,
+                            unfreeze_embeddings=embeddings)).setup()
+    emb0 = [p.detach().clone() for p in r.theseus.embedding_parameters()]
     r.train()
     assert r.head_unfrozen
+    assert any(not torch.equal(a, b) for a, b in zip(emb0, r.theseus.embedding_parameters())) == embeddings
     ref = AutoModelForSequenceClassification.from_pretrained(predecessor).eval()
     batch = next(iter(r.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from conftest import make_tiny_model
 from theseus_deploy.cli import cli
 from theseus_deploy.config import CompressConfig
+from theseus_deploy.errors import UsageError
 from theseus_deploy.recipes.compress import CompressRecipe
 
 WORDS = "the a movie film plot actor scene story music ending time people way thing day".split()
@@ -215,7 +216,6 @@ def test_resume_refuses_a_different_run(predecessor, toy, tmp_path):
     part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o"))
     part.cfg.stop_after_steps = 2
     part.setup().train()
-    from theseus_deploy.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--resume with settings that differ .*--max-steps 8 -> 10"):
         CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", resume=True, max_steps=10)).setup()
@@ -331,6 +331,52 @@ def test_head_frozen_until_successor_only_phase(predecessor, toy, tmp_path):
     r.train()  # steps 0-2: p < 1, head at LR 0 and without gradients
     assert all(torch.equal(a, b) for a, b in zip(head, r.theseus.head_parameters()))
     assert all(r.optimizer.state.get(p) in (None, {}) for p in r.theseus.head_parameters())  # no AdamW moments yet
+
+
+def _embeddings(r):
+    return [p.detach().clone() for p in r.theseus.embedding_parameters()]
+
+
+def test_unfreeze_embeddings_trains_them_in_the_successor_only_phase_only(predecessor, toy, tmp_path):
+    """--unfreeze-embeddings: the embeddings (shared by predecessor and successor) stay as loaded
+    while p < 1 (at LR 0, no AdamW moments: the predecessor path is the loaded model), then learn
+    with the successor; the saved successor has them, the predecessor layers never change."""
+    kw = dict(unfreeze_head=True, unfreeze_embeddings=True, steps_to_full=3, max_steps=6, eval_steps=6)
+    r = CompressRecipe(_cfg(predecessor, toy, tmp_path / "o", **kw))
+    r.cfg.stop_after_steps = 3
+    r.setup()
+    emb0 = _embeddings(r)
+    assert emb0 and all(p.requires_grad for p in r.theseus.embedding_parameters())
+    pred0 = {k: v.clone() for k, v in r.theseus.model.state_dict().items() if ".predecessor." in k}
+    r.train()
+    assert all(torch.equal(a, b) for a, b in zip(emb0, r.theseus.embedding_parameters()))
+    assert all(r.optimizer.state.get(p) in (None, {}) for p in r.theseus.embedding_parameters())
+    full = CompressRecipe(_cfg(predecessor, toy, tmp_path / "f", **kw)).setup().train().save()
+    assert any(not torch.equal(a, b) for a, b in zip(emb0, full.theseus.embedding_parameters()))
+    assert all(torch.equal(v, full.theseus.model.state_dict()[k]) for k, v in pred0.items())
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "f")
+    table = next(k for k in saved.state_dict() if k.endswith("word_embeddings.weight"))
+    assert torch.equal(saved.state_dict()[table], full.theseus.successor_state_dict()[table])
+    assert not torch.equal(saved.state_dict()[table],
+                           AutoModelForSequenceClassification.from_pretrained(predecessor).state_dict()[table])
+    assert json.loads((tmp_path / "f" / "run_config.json").read_text())["unfreeze_embeddings"] is True
+
+
+@pytest.mark.parametrize("interrupt", [2, 5])  # before / after the embeddings start learning (step 3)
+def test_resume_with_unfreeze_embeddings_equals_uninterrupted(predecessor, toy, tmp_path, interrupt):
+    kw = dict(unfreeze_head=True, unfreeze_embeddings=True, steps_to_full=3, max_steps=8, eval_steps=4)
+    full = CompressRecipe(_cfg(predecessor, toy, tmp_path / "a", **kw)).setup().train()
+    part = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", **kw))
+    part.cfg.stop_after_steps = interrupt
+    part.setup().train()
+    with pytest.raises(UsageError, match="--unfreeze-embeddings"):  # a resume setting: another value is refused
+        CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", resume=True,
+                            **{**kw, "unfreeze_embeddings": False})).setup()
+    resumed = CompressRecipe(_cfg(predecessor, toy, tmp_path / "b", resume=True, **kw)).setup()
+    resumed.train()
+    a, b = full.theseus.successor_state_dict(), resumed.theseus.successor_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h.get("loss") for h in full.history] == [h.get("loss") for h in resumed.history]
 
 
 def test_trainable_set_is_decided_before_wrapping(predecessor, toy, tmp_path, monkeypatch):

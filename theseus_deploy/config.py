@@ -255,6 +255,9 @@ class CompressConfig(TrainConfig):
     k: float | None = opt(None, "Slope k of the linear schedule (instead of --steps-to-full).", resume=True, gt=0)
     unfreeze_head: bool = opt(True, "Train the pooler/classifier too once p has reached 1 (successor-only phase); "
                                     "--no-unfreeze-head keeps them frozen throughout (the paper).", resume=True)
+    unfreeze_embeddings: bool = opt(False, "Train the embeddings too once p has reached 1 (successor-only phase), as "
+                                           "--unfreeze-head does the head; off: frozen with the predecessor (the paper). "
+                                           "The KD teacher keeps the loaded ones.", resume=True)
     # Both defaults were chosen by the ablation in docs/results.md (MiniLM 6 -> 3, compress's default
     # budget, one seed): p = 1 at a quarter of the steps with the head trained afterwards had the best
     # mean retention, ahead of the paper's p = 1 half-way with a frozen head (CoLA 30.8 vs 26.1 MCC;

@@ -68,13 +68,15 @@ class Distiller:
         return combine(task, soft, self.alpha)
 
 
-def theseus_teacher(theseus, autocast):
-    """The predecessor path of a Theseus wrapper as a teacher (eval mode, no_grad, original head)."""
+def theseus_teacher(theseus, autocast, embeddings: bool = False):
+    """The predecessor path of a Theseus wrapper as a teacher (eval mode, no_grad, original head,
+    and with `embeddings` (--unfreeze-embeddings) the original embeddings)."""
     from torch.func import functional_call
 
-    head_ids = {id(p) for p in theseus.head_parameters()}
+    kept = theseus.head_parameters() + (theseus.embedding_parameters() if embeddings else [])
+    head_ids = {id(p) for p in kept}
     live = {n: p for n, p in theseus.model.named_parameters() if id(p) in head_ids}
-    # The head may learn later (--unfreeze-head): the teacher keeps a copy of the loaded one.
+    # The head (--unfreeze-head) and embeddings may learn later: the teacher keeps a copy of the loaded ones.
     head = {n: p.detach().clone() for n, p in live.items()}
 
     @torch.no_grad()

@@ -141,6 +141,17 @@ class TheseusModel(nn.Module):
         for p in self.head_parameters():
             p.requires_grad_(True)
 
+    def embedding_parameters(self):
+        """The base model's embeddings (token, position, segment tables and their LayerNorm): shared
+        by predecessor and successor, frozen with the predecessor unless --unfreeze-embeddings."""
+        base = getattr(self.model, "base_model", self.model)
+        emb = getattr(base, "embeddings", None)
+        return list(emb.parameters()) if isinstance(emb, nn.Module) else []
+
+    def unfreeze_embeddings(self):
+        for p in self.embedding_parameters():
+            p.requires_grad_(True)
+
     # ------------------------------------------------------------------ replacement
     def sample(self, p: float, generator: torch.Generator | None = None) -> list[bool]:
         """One Bernoulli(p) draw per module for the next batch."""

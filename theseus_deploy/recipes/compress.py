@@ -44,6 +44,10 @@ class CompressRecipe(Run):
         self.theseus = theseus = TheseusModel(predecessor, cfg.successor_layers, cfg.init)
         if cfg.unfreeze_head:
             theseus.unfreeze_head()  # trainable from the start, at LR 0 until the successor-only phase
+        if cfg.unfreeze_embeddings:
+            if not theseus.embedding_parameters():
+                raise UsageError(f"--unfreeze-embeddings: '{cfg.model}' has no embeddings module to train")
+            theseus.unfreeze_embeddings()  # likewise
         self.encode_data(predecessor.config)
         self.start_accelerator(unused_parameters=True)  # DDP: a module that drew its predecessor has no gradient
 
@@ -62,11 +66,13 @@ class CompressRecipe(Run):
             f"b={self.scheduler.b:g} k={self.scheduler.k:.3g} (p=1 at step {self.scheduler.steps_to_full})")
         if cfg.distill_alpha > 0:  # Theseus + KD: the teacher is the predecessor inside the wrapper
             self.distiller = distill.Distiller(cfg.distill_alpha, cfg.distill_temperature, self.spec.is_regression,
-                                               distill.theseus_teacher(theseus, self.acc.autocast))
+                                               distill.theseus_teacher(theseus, self.acc.autocast,
+                                                                        cfg.unfreeze_embeddings))
 
         # ------------------------------------------------------------ optimizer
-        head = theseus.head_parameters() if cfg.unfreeze_head else []
-        self.make_optimizer(theseus, late=head, late_start=self.scheduler.steps_to_full if cfg.unfreeze_head else None)
+        late = ((theseus.head_parameters() if cfg.unfreeze_head else [])
+                + (theseus.embedding_parameters() if cfg.unfreeze_embeddings else []))
+        self.make_optimizer(theseus, late=late, late_start=self.scheduler.steps_to_full if late else None)
 
         # The predecessor's own dev score (the retention figure) and logits (loyalty at every evaluation).
         theseus.force("predecessor")
