@@ -22,7 +22,9 @@ A report keeps its inputs (docs/records/<doc name>/: scores, no weights). To con
 run folders are gone (a new machine), copy that folder to ROOT and run the same commands: finished
 runs are kept, and a predecessor is fine-tuned again only where a run still needs its weights
 (same CPU type: the same dev score to the last digit, as measured; on another, compare its new
-metrics.json with the records', since the finished runs compressed the earlier one).
+metrics.json with the records', since the finished runs compressed the earlier one). A records
+folder's earlier.json holds the tasks that ran before reports kept their inputs (the figures a report
+printed then): the report shows them marked and counts them until the task is run again into ROOT.
 
 --profile mpnet (docs/results-12to6.md): MPNet-base 12 -> 6, all five methods, MRPC and RTE first:
 
@@ -540,6 +542,10 @@ NOTES = "<!-- notes: written by hand below this line, kept by `results.py report
 
 # ---------------------------------------------------------------------------- the report's inputs, kept
 RECORDS_MARK = "records.json"  # what keep_records writes into its folder (and what lets it replace one)
+# In a records folder (or ROOT): tasks whose run folders were lost before reports kept their inputs, as
+# the figures a report printed from them (x100, with the commit of that doc). The report shows them,
+# marked, beside the runs it has, and counts them in the targets; a task run again into ROOT replaces its entry.
+EARLIER = "earlier.json"
 
 
 def _eval_rows(log: Path) -> str:
@@ -576,6 +582,7 @@ def keep_records(root: Path, dest: Path) -> int:
             if name != "predecessor":
                 for leaf in ("metrics.json", "train_log.jsonl"):
                     take(f.parent / name / leaf, rel / name / leaf)
+    take(root / EARLIER if (root / EARLIER).is_file() else dest / EARLIER, Path(EARLIER))  # carried over
     a = root / "ablation" / "summary.json"
     if a.is_file():
         take(a, Path("ablation") / "summary.json")
@@ -800,7 +807,8 @@ def last_step_lines(root: Path, rows: dict, methods: list, best) -> list[str]:
     last = {}
     for task, runs in rows.items():
         for m in methods:
-            v = [x for x in (last_eval(root, task, r["seed"], m) for r in runs if m in r) if x is not None]
+            v = [x for x in ((r["last"].get(m) if "last" in r else last_eval(root, task, r["seed"], m))
+                             for r in runs if m in r) if x is not None]
             if v:
                 last.setdefault(task, {})[m] = 100 * statistics.median(v)
     if not last:
@@ -861,6 +869,27 @@ def _machines(rows: dict) -> list[str]:
     return [f"- {k}: {n} runs" for k, n in seen.items()]
 
 
+def earlier_rows(root: Path, records: Path, have) -> tuple[dict, dict | None, Path | None]:
+    """The EARLIER tasks not in HAVE (the tasks ROOT ran), as summary-shaped rows (scores back to
+    fractions; `last`: the last evaluations; `earlier`: the commit whose doc printed them), with the
+    file's own fields and path. ROOT's EARLIER first, else the records folder's."""
+    f = next((x for x in (root / EARLIER, Path(records) / EARLIER) if x.is_file()), None)
+    if f is None:
+        return {}, None, None
+    e = json.loads(f.read_text())
+    rows = {}
+    for task, t in e["tasks"].items():
+        if task in have:
+            continue
+        frac = lambda d: {m: v / 100 for m, v in d.items()}  # noqa: E731
+        rows[task] = [{"task": task, "seed": t["seeds"][0], "predecessor": {"score": t["predecessor"] / 100},
+                       **{m: {"score": v} for m, v in frac(t["scores"]).items()},
+                       "loyalty": {m: frac(v) for m, v in t["loyalty"].items()}, "last": frac(t["last"]),
+                       "budget": t["budget"], "seconds": t["seconds"], "earlier": e["commit"],
+                       "commands": t["commands"]}]
+    return rows, e, f
+
+
 def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None = None):
     """docs/results-12to6.md (and the 6 -> 3 table with KD): every method beside the predecessor,
     retention, loyalty, the targets as met / not met and by how much, budgets, commands, machine."""
@@ -868,6 +897,8 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
     for f in sorted(root.glob("*/seed*/summary.json")):
         s = json.loads(f.read_text())
         rows.setdefault(s["task"], []).append(s)
+    prior, earlier, earlier_file = earlier_rows(root, records or records_dir(doc), set(rows))
+    rows.update(prior)
     first = next(iter(rows.values()))[0] if rows else {}
     planned = ("all-mpnet-base-v2", 12, 6) if which == "12to6" else ("all-MiniLM-L6-v2", 6, 3)  # before any result
     n_pred, n_succ = first.get("predecessor_layers") or planned[1], first.get("successor_layers", planned[2])
@@ -876,7 +907,8 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
     methods, med, best = t["methods"], t["median"], t["best"]
     lines = [f"# Results: {model}, {n_pred} -> {n_succ} layers on GLUE dev: Theseus, distillation, loyalty", "",
              f"Generated by `python scripts/results.py{' --profile mpnet' if which == '12to6' else ''} report` from "
-             f"`{root}/*/seed*/summary.json`; the runs by `python scripts/results.py run` (commands below). Scores:",
+             f"`{root}/*/seed*/summary.json`" + (f" and `{earlier_file}` (tasks marked †)" if prior else "")
+             + "; the runs by `python scripts/results.py run` (commands below). Scores:",
              "the task's `score` (MRPC mean of F1 and accuracy, STS-B of Pearson and Spearman, CoLA Matthews, else",
              "accuracy) x 100, median over seeds; retention = successor / predecessor (macro retention: of the",
              "macro averages, as the paper's 98.4%). Every method of a task has the same steps and learning rate;",
@@ -890,7 +922,7 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
         head = ["task", "seeds", f"predecessor ({n_pred}L)"] + [f"{LABELS[m]} ({n_succ}L)" for m in methods]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for task in sorted(med):
-            cells = [task, str(len(rows[task])), f"{med[task]['predecessor']:.1f}"]
+            cells = [task + (" †" if task in prior else ""), str(len(rows[task])), f"{med[task]['predecessor']:.1f}"]
             for m in methods:
                 v = med[task].get(m)
                 cells.append("-" if v is None else f"{v:.1f} ({100 * v / med[task]['predecessor']:.1f}%)"
@@ -904,6 +936,12 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
                 v = statistics.mean(med[k][m] for k in full)
                 cells.append(f"{v:.1f} ({100 * v / pred:.1f}%)")
             lines.append("| " + " | ".join(cells) + " |")
+        if prior:
+            lines += ["", f"† {', '.join(sorted(prior))}: run before the report kept its inputs; their run folders are "
+                          f"gone. The figures are those the report printed from them at commit {earlier['commit']} "
+                          f"(x100, rounded to 0.1, so a retention or average here can differ from that doc's by 0.1), kept in "
+                          f"`{earlier_file}` (its `why` says more); every table and target here counts them. Running "
+                          "such a task again into ROOT replaces its row."]
         lines += ["", f"Best Theseus recipe (higher macro average over the tasks both ran): **{LABELS.get(best, '-')}**"
                       + (f" (soft targets: --distill-alpha {first['budget'].get('distill', KD)['alpha']} "
                          f"--distill-temperature {first['budget'].get('distill', KD)['temperature']})"
@@ -940,7 +978,9 @@ def report_kd(root: Path, doc: Path, which: str = "12to6", records: Path | None 
         lines += last_step_lines(root, rows, methods, best)
     lines += ablation_lines(root)
     lines += bench_lines(root)
-    lines += ["", "## Machine and versions", ""] + (_machines(rows) or ["Not recorded."])
+    machines = _machines(rows) + ([f"- {m} (†: {', '.join(sorted(prior))})" for m in earlier.get("machine", ())]
+                                  if prior else [])
+    lines += ["", "## Machine and versions", ""] + (machines or ["Not recorded."])
     lines += ["", "## Budgets and commands", ""]
     for task, runs in sorted(rows.items()):
         runs = sorted(runs, key=lambda r: r["seed"])

@@ -589,3 +589,39 @@ def test_report_keeps_its_inputs_and_writes_the_same_tables_from_them(tmp_path):
     assert "| mrpc | 70.0 (87.5%) | 78.0 (97.5%) |" in again  # the last evaluation, from the kept rows
     assert "79.0 (1), loyalty 91.3" in again  # the ablation's loyalty, from the kept metrics.json
     assert kept.is_dir() and "Its inputs are kept" not in again  # written from the records: they stay as they are
+
+
+def test_earlier_results_are_marked_counted_in_the_targets_replaced_by_a_new_run_and_kept(results, tmp_path):
+    """A task whose run folders are gone (earlier.json: the figures a report printed, x100) stands in the
+    tables marked †, with its loyalty, last evaluations, budget and commands, and counts in the targets
+    beside the tasks ROOT ran; ROOT's own run of the task replaces it; keep_records carries the file over."""
+    root = tmp_path / "runs"
+    write_kd_summary(root, "cola", 42, {"predecessor": 0.60, "truncation": 0.50, "kd": 0.52, "theseus-kd": 0.58},
+                     {"theseus-kd": {"label": 0.9, "probability": 0.8}})
+    records = tmp_path / "docs" / "records" / "r"
+    records.mkdir(parents=True)
+    earlier = {"why": "lost", "commit": "abc1234", "machine": ["Old CPU (avx512f), 1 threads: 2 runs"],
+               "tasks": {t: {"seeds": [42], "predecessor": 80.0,
+                             "scores": {"truncation": 82.0, "kd": 81.0, "theseus-kd": tk},
+                             "loyalty": {m: {"label": 90.0, "probability": 70.0} for m in ("truncation", "kd", "theseus-kd")},
+                             "last": {"truncation": 79.0, "kd": 80.0, "theseus-kd": 78.0},
+                             "budget": {"predecessor": "--epochs 3", "compress_steps": 100}, "seconds": {"kd": 5.0},
+                             "commands": {"predecessor": f"theseus-deploy finetune {t}", "theseus-kd": f"theseus-deploy compress {t}"}}
+                         for t, tk in (("mrpc", 80.8), ("cola", 10.0))}}
+    (records / "earlier.json").write_text(json.dumps(earlier))
+    (records / "records.json").write_text("{}")  # a records folder (keep_records replaces only such a folder)
+    doc = tmp_path / "docs" / "r.md"
+    results.report_kd(root, doc, "12to6", records)
+    text = doc.read_text()
+    assert "| mrpc † | 1 | 80.0 | 82.0 (102.5%) **best** | 81.0 (101.2%) | 80.8 (101.0%) |" in text
+    assert "| cola | 1 | 60.0 | 50.0 (83.3%) | 52.0 (86.7%) | 58.0 (96.7%) **best** |" in text  # ROOT's run wins
+    assert "† mrpc: run before the report kept its inputs" in text and "at commit abc1234" in text
+    # targets over both tasks: macro (58 + 80.8) / (60 + 80) = 99.1%; truncation ahead on mrpc (82.0 > 80.8)
+    assert "| 99.1% over 2 (cola, mrpc); missing rte |" in text
+    assert "| ahead of truncation on every task run | 1 of 2 | **no** | smallest margin -1.2 points (mrpc) |" in text
+    assert "| mrpc | 90.0 / 70.0 | 90.0 / 70.0 | 90.0 / 70.0 |" in text  # loyalty
+    assert "| mrpc | 79.0 (98.8%) | 80.0 (100.0%) | 78.0 (97.5%) |" in text  # the last evaluations, as recorded
+    assert "theseus-deploy compress mrpc" in text and "theseus-deploy compress cola" not in text
+    assert "- Old CPU (avx512f), 1 threads: 2 runs (†: mrpc)" in text
+    assert results.keep_records(root, records) > 0
+    assert json.loads((records / "earlier.json").read_text()) == earlier
