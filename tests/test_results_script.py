@@ -354,8 +354,9 @@ def test_summary_after_every_finished_run_and_a_partial_report(results, tmp_path
         sh(args, log)
 
     monkeypatch.setattr(results, "sh", sh_killed_at_kd)
+    order = ("theseus", "constant", "truncation", "kd", "theseus-kd")  # the run order (--methods)
     with pytest.raises(KeyboardInterrupt):
-        results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=results.ALL_METHODS)
+        results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=order)
     s = json.loads(summary.read_text())
     assert s == seen[0] and s["unfinished"] == ["kd", "theseus-kd"]
     assert {k for k in results.ALL_METHODS if k in s} == {"theseus", "constant", "truncation"}
@@ -366,7 +367,7 @@ def test_summary_after_every_finished_run_and_a_partial_report(results, tmp_path
     assert "**Partial grid**: runs not finished yet" in text and "rte seed 42: kd, theseus-kd." in text
     # the next invocation finishes them: the summary is complete
     monkeypatch.setattr(results, "sh", sh)
-    results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=results.ALL_METHODS)
+    results.run_tasks([("rte", 42)], "minilm", root, 3, None, profile="cpu", methods=order)
     s = json.loads(summary.read_text())
     assert s["unfinished"] == [] and s["kd"]["score"] == pytest.approx(0.7642)
 
@@ -625,3 +626,15 @@ def test_earlier_results_are_marked_counted_in_the_targets_replaced_by_a_new_run
     assert "- Old CPU (avx512f), 1 threads: 2 runs (†: mrpc)" in text
     assert results.keep_records(root, records) > 0
     assert json.loads((records / "earlier.json").read_text()) == earlier
+
+
+def test_methods_run_in_the_order_given(results, tmp_path, monkeypatch):
+    """--methods is also the run order (on a CPU budget the runs that matter most start first)."""
+    calls = []
+    monkeypatch.setattr(results, "sh", fake_sh(calls, {"predecessor": 0.8, "theseus-kd": 0.7, "truncation": 0.6,
+                                                       "kd": 0.65, "constant": 0.6, "theseus": 0.7}))
+    monkeypatch.setattr(results, "budget", lambda *a: (64, ["--max-steps", 10], 20, 8))
+    for methods in (("theseus-kd", "kd", "truncation"), ("truncation", "constant", "theseus-kd")):
+        calls.clear()
+        results.run_tasks([("rte", 42)], "m", tmp_path / str(len(calls)) / methods[0], 3, None, methods=methods)
+        assert [Path(c[c.index("--output") + 1]).name for c in calls] == ["predecessor", *methods]
