@@ -335,3 +335,24 @@ def test_bench_of_an_export_folder_times_its_own_artifact(pair, tmp_path, monkey
                                  "--seq-lens", "16", "--iterations", "2", "--rounds", "1", "--min-seconds", "0",
                                  "--output", str(tmp_path / "o2")])
     assert r.exit_code != 0  # export_model is patched out: a model folder does need an export
+
+
+def test_an_artifact_bench_builds_that_fails_validation_is_one_error_line(pair, tmp_path, monkeypatch):
+    """bench exports a model folder itself for the ONNX backends; an artifact that misses the tolerance
+    (a 12-layer MPNet's INT8 on an AMD EPYC: max abs diff 0.365 > atol 0.364) ends the run with one
+    `error:` line naming the model, exit 2, nothing written: no traceback."""
+    from theseus_deploy.export import api as export_api
+    from theseus_deploy.export.validate import ValuesMismatch
+
+    def fails(reference, runner, fmt, shapes, atol):
+        raise ValuesMismatch(f"{fmt}: output 'logits' at input 1x16: max abs diff 0.365 > atol 0.364")
+
+    monkeypatch.setattr(export_api, "check", fails)
+    pred, succ = pair
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["bench", "--model", str(pred), "--model", str(succ), "--backend", "onnx-int8",
+                                 "--batch-sizes", "1", "--seq-lens", "16", "--output", str(out)])
+    assert r.exit_code == 2, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {pred}: the artifact bench built failed validation") and "max abs diff 0.365" in last
+    assert "Traceback" not in r.output and not out.exists() and list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from theseus_deploy.artifact import ExportFolder, is_export_folder
 from theseus_deploy.data import load_task
 from theseus_deploy.errors import UsageError
 from theseus_deploy.export.api import export_model
+from theseus_deploy.export.validate import ValidationError
 from theseus_deploy.hf import (build_random_classifier, check_fine_tuned, check_model_source, check_tokenizer_fits, load_config,
                                load_tokenizer, max_positions)
 from theseus_deploy.io import (atomic_output_dir, check_output_dir, check_output_file, locks_output, sha256_file,
@@ -209,9 +210,14 @@ def _bench(cfg, specs, backends, bs, ss, data, static_kw, work, show_progress) -
         built = False
         if formats and folder is None:
             folder = work / "artifacts" / sp["tag"]
-            export_model(C.ExportConfig.of(model=sp["path"], formats=tuple(formats), output=str(folder),
-                                           max_batch_size=max(bs + [traffic_cfg.batch_size]), max_seq_length=max_seq,
-                                           threads=threads, **static_kw))
+            try:
+                export_model(C.ExportConfig.of(model=sp["path"], formats=tuple(formats), output=str(folder),
+                                               max_batch_size=max(bs + [traffic_cfg.batch_size]), max_seq_length=max_seq,
+                                               threads=threads, **static_kw))
+            except ValidationError as e:  # bench times only what validates: one line, as `export` says it
+                raise UsageError(f"{sp['source']}: the artifact bench built failed validation against PyTorch, nothing "
+                                 f"written ({e}); to time it anyway, export it with `theseus-deploy export --atol X` (--task T checks "
+                                 "the dev set too) and pass the export folder as --model") from None
             built = True
         for b in sp["backends"]:
             if export_format(b) is None:
