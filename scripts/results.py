@@ -84,8 +84,8 @@ ALL_METHODS = ("truncation", "constant", "kd", "theseus", "theseus-kd")
 # ablation: `results.py ablation --variants unfreeze-short,kd-a0.5-t2,kd-a0.9-t2,kd-a0.5-t4`).
 KD = {"alpha": "0.5", "temperature": "2"}
 # Speed does not depend on the task's weights: one bench of predecessor vs successor serves all.
-BENCH_ARGS = ["--backend", "torch", "--backend", "torch-bf16", "--backend", "onnx", "--backend", "onnx-int8",
-              "--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "9", "--min-seconds", "0.5"]
+BENCH_BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8")  # `bench --backends` picks among them
+BENCH_ARGS = ["--batch-sizes", "1,8", "--seq-lens", "128", "--iterations", "20", "--rounds", "9", "--min-seconds", "0.5"]
 # The ablation (`results.py ablation`): what closes the gap to truncation. Each variant is the
 # extra compress flags, given the run's step count S; both knobs are explicit in every variant, so a
 # variant means the same run whatever compress's defaults are. `unfreeze-short` won the ablation in
@@ -428,11 +428,12 @@ def ablation_winner(rows, tie=0.001):
     return DEFAULT_VARIANT if DEFAULT_VARIANT in close else max(close, key=lambda v: mean[v])
 
 
-def run_bench(task, root, seed):
+def run_bench(task, root, seed, backends=BENCH_BACKENDS):
     out = root / task / f"seed{seed}"
     if not DRY_RUN and not (out / "theseus" / "config.json").is_file():
         raise SystemExit(f"error: no finished runs for {task} seed {seed} in {root}: run them first")
-    args = [*TD, "bench", "--model", out / "predecessor", "--model", out / "theseus", *BENCH_ARGS,
+    args = [*TD, "bench", "--model", out / "predecessor", "--model", out / "theseus",
+            *[x for b in backends for x in ("--backend", b)], *BENCH_ARGS,
             "--output", root / "bench", "--overwrite"]
     sh(args, root / "bench.log")
 
@@ -1020,6 +1021,8 @@ def main():
                     help=f"kd, theseus-kd: --distill-temperature (default {KD['temperature']}; as --distill-alpha)")
     ap.add_argument("--successor-steps", type=int, default=None,
                     help="every method's step count instead of the profile's (a smaller CPU budget)")
+    ap.add_argument("--backends", default=",".join(BENCH_BACKENDS),
+                    help="bench: the backends timed (an artifact that fails validation ends the bench: leave it out)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (a GPU trains several small models at once)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="ablation: variants to run")
     ap.add_argument("--from-ablation", action="store_true",
@@ -1083,7 +1086,10 @@ def main():
         run_tasks([(t, s) for s in seeds for t in tasks], a.model, root, a.successor_layers, a.data_dir,
                   a.predecessor_seed, a.profile, flags, const, a.jobs, variant=winner, methods=methods)
     if a.what == "bench":
-        run_bench(tasks[0], root, seeds[0])
+        bad = [b for b in a.backends.split(",") if b not in BENCH_BACKENDS]
+        if bad:
+            ap.error(f"unknown --backends {','.join(bad)} (choose from {','.join(BENCH_BACKENDS)})")
+        run_bench(tasks[0], root, seeds[0], a.backends.split(","))
     if not DRY_RUN:
         if mpnet or any(m in methods for m in ("kd", "theseus-kd")):
             report_kd(root, Path(a.doc), "12to6" if mpnet else "6to3", records)

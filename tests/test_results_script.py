@@ -638,3 +638,19 @@ def test_methods_run_in_the_order_given(results, tmp_path, monkeypatch):
         calls.clear()
         results.run_tasks([("rte", 42)], "m", tmp_path / str(len(calls)) / methods[0], 3, None, methods=methods)
         assert [Path(c[c.index("--output") + 1]).name for c in calls] == ["predecessor", *methods]
+
+
+def test_bench_times_the_backends_given(tmp_path):
+    """`bench --backends`: the backends timed (an artifact that fails validation ends a bench, so a
+    grid's bench can leave one out); an unknown one is refused before anything runs."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, str(REPO / "scripts" / "results.py"), "--profile", "mpnet", "--root", str(tmp_path / "r"),
+            "--dry-run", "bench", "--tasks", "cola"]
+    r = subprocess.run([*base, "--backends", "torch,onnx"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cmd = next(ln for ln in r.stdout.splitlines() if ln.startswith("+ ")).split()
+    assert [cmd[i + 1] for i, x in enumerate(cmd) if x == "--backend"] == ["torch", "onnx"]
+    r = subprocess.run([*base, "--backends", "torch,tensorflow"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown --backends tensorflow" in r.stderr and not (tmp_path / "r").exists()
