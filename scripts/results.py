@@ -873,22 +873,20 @@ def _machines(rows: dict) -> list[str]:
 
 def earlier_rows(root: Path, records: Path, have) -> tuple[dict, dict | None, Path | None]:
     """The EARLIER tasks not in HAVE (the tasks ROOT ran), as summary-shaped rows (scores back to
-    fractions; `last`: the last evaluations; `earlier`: the commit whose doc printed them), with the
-    file's own fields and path. ROOT's EARLIER first, else the records folder's."""
+    fractions; `last`: the last evaluations), with the file's own fields and its path. ROOT's EARLIER
+    first, else the records folder's."""
     f = next((x for x in (root / EARLIER, Path(records) / EARLIER) if x.is_file()), None)
     if f is None:
         return {}, None, None
     e = json.loads(f.read_text())
-    rows = {}
-    for task, t in e["tasks"].items():
-        if task in have:
-            continue
-        frac = lambda d: {m: v / 100 for m, v in d.items()}  # noqa: E731
-        rows[task] = [{"task": task, "seed": t["seeds"][0], "predecessor": {"score": t["predecessor"] / 100},
-                       **{m: {"score": v} for m, v in frac(t["scores"]).items()},
-                       "loyalty": {m: frac(v) for m, v in t["loyalty"].items()}, "last": frac(t["last"]),
-                       "budget": t["budget"], "seconds": t["seconds"], "earlier": e["commit"],
-                       "commands": t["commands"]}]
+
+    def frac(d):
+        return {m: v / 100 for m, v in d.items()}
+    rows = {task: [{"task": task, "seed": t["seeds"][0], "predecessor": {"score": t["predecessor"] / 100},
+                    **{m: {"score": v} for m, v in frac(t["scores"]).items()},
+                    "loyalty": {m: frac(v) for m, v in t["loyalty"].items()}, "last": frac(t["last"]),
+                    "budget": t["budget"], "seconds": t["seconds"], "commands": t["commands"]}]
+            for task, t in e["tasks"].items() if task not in have}
     return rows, e, f
 
 
