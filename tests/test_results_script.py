@@ -636,7 +636,7 @@ def test_methods_run_in_the_order_given(results, tmp_path, monkeypatch):
     monkeypatch.setattr(results, "budget", lambda *a: (64, ["--max-steps", 10], 20, 8))
     for methods in (("theseus-kd", "kd", "truncation"), ("truncation", "constant", "theseus-kd")):
         calls.clear()
-        results.run_tasks([("rte", 42)], "m", tmp_path / str(len(calls)) / methods[0], 3, None, methods=methods)
+        results.run_tasks([("rte", 42)], "m", tmp_path / methods[0], 3, None, methods=methods)
         assert [Path(c[c.index("--output") + 1]).name for c in calls] == ["predecessor", *methods]
 
 
